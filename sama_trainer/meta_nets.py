@@ -1,0 +1,117 @@
+"""Meta networks (λ): plain ``nn.Module``s that reweight examples or correct their labels.
+
+Call contracts (a user module with the same contract can be passed to ``SAMATrainer(meta_model=...)``):
+
+* reweighting: ``weight_net(losses: Tensor[B], logits: Tensor[B, C] | None) -> Tensor[B]`` (non-negative weights);
+* label correction: ``correction_net(logits: Tensor[B, C], labels: Tensor[B] (class ids) or Tensor[B, C] (soft))
+  -> Tensor[B, C]`` (a distribution over classes per example).
+
+Inputs are detached by the trainer: the meta nets see values of the base model, never its graph.
+Both nets save and load with ``save_pretrained(dir)`` / ``from_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+
+__all__ = ["LabelCorrectionNet", "MetaWeightNet"]
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
+    """Meta-Weight-Net: per-example weight = sigmoid(MLP(features)) from the detached per-example loss.
+
+    Args:
+        hidden_size: width of the hidden layer (100 as in Meta-Weight-Net).
+        use_uncertainty: also feed the predictive entropy of the base model's logits.
+        normalize: rescale the weights of each batch to mean 1 (keeps the base learning rate meaningful).
+        weight_scale: output range is (0, weight_scale); 1 as in Meta-Weight-Net, 2 in the authors' BERT example.
+        init_bias: initial output-layer bias; 0 gives weights ≈ weight_scale/2 at the start.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 100,
+        use_uncertainty: bool = False,
+        normalize: bool = False,
+        weight_scale: float = 1.0,
+        init_bias: float = 0.0,
+    ):
+        super().__init__()
+        self.use_uncertainty = use_uncertainty
+        self.normalize = normalize
+        self.weight_scale = weight_scale
+        in_features = 2 if use_uncertainty else 1
+        self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        nn.init.constant_(self.net[2].bias, init_bias)
+
+    def forward(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        features = [losses.float().reshape(-1, 1)]
+        if self.use_uncertainty:
+            if logits is None:
+                raise ValueError("MetaWeightNet(use_uncertainty=True) needs the base model's logits")
+            features.append(_entropy(logits).reshape(-1, 1))
+        dtype = self.net[0].weight.dtype
+        weights = self.weight_scale * torch.sigmoid(self.net(torch.cat(features, dim=-1).to(dtype))).squeeze(-1)
+        if self.normalize:
+            weights = weights / weights.mean().clamp_min(1e-8)
+        return weights
+
+
+class LabelCorrectionNet(nn.Module, PyTorchModelHubMixin):
+    """Label correction: a soft label from the base model's detached logits and the (noisy) label.
+
+    ``softmax(MLP([features(logits), onehot(label)]) + skip · onehot(label))``: the skip connection, initialised to
+    ``label_prior``, makes the initial output close to the noisy label so training starts from the weak labels.
+
+    Args:
+        num_labels: number of classes C.
+        hidden_size: hidden width of the MLP.
+        use_probabilities: feed softmax probabilities instead of raw logits.
+        label_prior: initial logit bonus for the given label (learnable).
+        mix_noisy: MLC-style mixing with the noisy label: output = mix·onehot + (1 - mix)·correction (0 disables).
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        hidden_size: int = 64,
+        use_probabilities: bool = True,
+        label_prior: float = 3.0,
+        mix_noisy: float = 0.0,
+    ):
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError("LabelCorrectionNet needs num_labels >= 2")
+        self.num_labels = num_labels
+        self.use_probabilities = use_probabilities
+        self.mix_noisy = mix_noisy
+        self.net = nn.Sequential(
+            nn.Linear(2 * num_labels, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_labels)
+        )
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+        self.label_logit = nn.Parameter(torch.tensor(float(label_prior)))
+
+    def _targets(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.dim() == 2:
+            return labels.float()
+        return F.one_hot(labels.long(), self.num_labels).float()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        noisy = self._targets(labels)
+        features = F.softmax(logits.float(), dim=-1) if self.use_probabilities else logits.float()
+        dtype = self.net[0].weight.dtype
+        out = self.net(torch.cat([features, noisy], dim=-1).to(dtype)).float() + self.label_logit * noisy
+        corrected = F.softmax(out, dim=-1)
+        if self.mix_noisy:
+            corrected = self.mix_noisy * noisy + (1.0 - self.mix_noisy) * corrected
+        return corrected

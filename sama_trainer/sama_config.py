@@ -1,0 +1,105 @@
+"""``SAMAConfig``: ``TrainingArguments`` plus the SAMA meta-learning fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .meta_gradient import available_methods
+
+
+META_OBJECTIVES = ("reweight", "correct", "reweight+correct")
+
+
+@dataclass
+class SAMAConfig(TrainingArguments):
+    r"""Configuration for [`SAMATrainer`]: every ``TrainingArguments`` field plus the ones below.
+
+    Parameters:
+        meta_gradient (`str`, defaults to `"sama"`):
+            Meta-gradient method (`sama`, `sama-na`, or any name in `sama_trainer.meta_gradient.available_methods()`).
+        meta_gradient_kwargs (`dict`, *optional*):
+            Extra options for the method (e.g. `{"bias_correction": False}`; iterations for `neumann`/`cg`).
+        unroll_steps (`int`, defaults to `10`):
+            One meta step every `unroll_steps` base optimizer steps (gradient accumulation counted as one step).
+        sama_alpha (`float`, defaults to `1.0`):
+            Finite-difference step: the base parameters are perturbed by ±εu with ‖εu‖₂ = `sama_alpha`.
+        sama_base_update (`bool`, defaults to `True`):
+            After each meta step leave θ at θ - εu (a step that lowers the meta loss to first order), as in the
+            paper's experiments; `False` restores θ bit-for-bit.
+        sama_bias_correction (`bool`, defaults to `True`):
+            Include Adam's bias correction in du/dg (`False` reproduces the authors' reference library).
+        meta_learning_rate (`float`, defaults to `1e-3`):
+            Learning rate of the meta optimizer (Adam) that updates the meta network.
+        meta_weight_decay (`float`, defaults to `0.0`):
+            Weight decay of the meta optimizer.
+        meta_batch_size (`int`, *optional*):
+            Per-device batch size of meta (clean) batches; defaults to `per_device_train_batch_size`.
+        meta_warmup_steps (`int`, defaults to `0`):
+            Base optimizer steps before the first meta step (the meta net still weights/corrects the base loss).
+        meta_objective (`str`, defaults to `"reweight"`):
+            `"reweight"` (per-example weights), `"correct"` (label correction) or `"reweight+correct"`.
+        meta_hidden_size (`int`, defaults to `100`):
+            Hidden width of the default meta networks.
+        meta_weight_normalize (`bool`, defaults to `False`):
+            Normalise the weights of each batch to mean 1 (default `MetaWeightNet` only).
+        correction_mix_noisy (`float`, defaults to `0.0`):
+            MLC-style mixing of the corrected label with the noisy label (default `LabelCorrectionNet` only).
+        correction_label_prior (`float`, defaults to `3.0`):
+            Initial trust in the given label of the default `LabelCorrectionNet` (logit bonus).
+    """
+
+    meta_gradient: str = field(default="sama", metadata={"help": "Meta-gradient method: sama, sama-na, ..."})
+    meta_gradient_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Extra options of the meta-gradient method (JSON dict)."}
+    )
+    unroll_steps: int = field(default=10, metadata={"help": "Base optimizer steps between two meta steps."})
+    sama_alpha: float = field(default=1.0, metadata={"help": "Finite-difference perturbation size ‖εu‖."})
+    sama_base_update: bool = field(
+        default=True, metadata={"help": "Leave θ at θ-εu after each meta step (as the paper); False restores θ."}
+    )
+    sama_bias_correction: bool = field(default=True, metadata={"help": "Adam bias correction in du/dg."})
+    meta_learning_rate: float = field(default=1e-3, metadata={"help": "Meta optimizer (Adam) learning rate."})
+    meta_weight_decay: float = field(default=0.0, metadata={"help": "Meta optimizer weight decay."})
+    meta_batch_size: int | None = field(
+        default=None, metadata={"help": "Per-device meta batch size (default: per_device_train_batch_size)."}
+    )
+    meta_warmup_steps: int = field(default=0, metadata={"help": "Base steps before the first meta step."})
+    meta_objective: str = field(
+        default="reweight", metadata={"help": "reweight | correct | reweight+correct", "choices": META_OBJECTIVES}
+    )
+    meta_hidden_size: int = field(default=100, metadata={"help": "Hidden width of the default meta networks."})
+    meta_weight_normalize: bool = field(default=False, metadata={"help": "Normalise weights to batch mean 1."})
+    correction_mix_noisy: float = field(
+        default=0.0, metadata={"help": "Mix corrected labels with the noisy label (MLC skip connection)."}
+    )
+    correction_label_prior: float = field(
+        default=3.0, metadata={"help": "Initial logit bonus of the given label in the default correction net."}
+    )
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["meta_gradient_kwargs"]
+
+    def __post_init__(self):
+        if self.unroll_steps < 1:
+            raise ValueError(f"unroll_steps must be >= 1 (got {self.unroll_steps}): one meta step every N base steps")
+        if self.meta_gradient not in available_methods():
+            raise ValueError(
+                f"unknown meta_gradient {self.meta_gradient!r}; choose one of: {', '.join(available_methods())}"
+            )
+        if self.meta_objective not in META_OBJECTIVES:
+            raise ValueError(f"meta_objective must be one of {META_OBJECTIVES}, got {self.meta_objective!r}")
+        if not self.sama_alpha > 0:
+            raise ValueError(f"sama_alpha must be > 0 (got {self.sama_alpha})")
+        if self.meta_learning_rate < 0 or self.meta_weight_decay < 0:
+            raise ValueError("meta_learning_rate and meta_weight_decay must be >= 0")
+        if self.meta_batch_size is not None and self.meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be >= 1 (got {self.meta_batch_size})")
+        if self.meta_warmup_steps < 0:
+            raise ValueError("meta_warmup_steps must be >= 0")
+        if not 0.0 <= self.correction_mix_noisy <= 1.0:
+            raise ValueError("correction_mix_noisy must be in [0, 1]")
+        super().__post_init__()
+        if self.meta_gradient_kwargs is None:
+            self.meta_gradient_kwargs = {}
