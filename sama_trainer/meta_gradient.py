@@ -80,7 +80,8 @@ def get_method(name: str) -> MetaGradientMethod:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown meta-gradient method {name!r}; available: {', '.join(available_methods())}") from None
+        available = ", ".join(available_methods())
+        raise ValueError(f"unknown meta-gradient method {name!r}; available: {available}") from None
 
 
 def meta_gradient(

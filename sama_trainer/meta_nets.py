@@ -94,9 +94,7 @@ class LabelCorrectionNet(nn.Module, PyTorchModelHubMixin):
         self.num_labels = num_labels
         self.use_probabilities = use_probabilities
         self.mix_noisy = mix_noisy
-        self.net = nn.Sequential(
-            nn.Linear(2 * num_labels, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_labels)
-        )
+        self.net = nn.Sequential(nn.Linear(2 * num_labels, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_labels))
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
         self.label_logit = nn.Parameter(torch.tensor(float(label_prior)))

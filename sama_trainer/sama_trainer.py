@@ -165,8 +165,8 @@ class SAMATrainer(Trainer):
         label_keys = set(LABEL_KEYS) | set(args.label_names or [])
         if columns is not None and not columns & label_keys:
             raise ValueError(
-                f"meta_dataset has no label column (columns: {sorted(columns)}); the meta loss needs clean labels in a "
-                "'labels' or 'label' column."
+                f"meta_dataset has no label column (columns: {sorted(columns)}); the meta loss needs clean "
+                "labels in a 'labels' or 'label' column."
             )
 
     @staticmethod
@@ -205,7 +205,9 @@ class SAMATrainer(Trainer):
         if objective == "reweight+correct" and not (
             isinstance(meta_model, nn.ModuleDict) and {"reweight", "correct"} <= set(meta_model.keys())
         ):
-            raise ValueError("meta_objective='reweight+correct' needs meta_model=nn.ModuleDict(reweight=..., correct=...)")
+            raise ValueError(
+                "meta_objective='reweight+correct' needs meta_model=nn.ModuleDict(reweight=..., correct=...)"
+            )
         if not any(p.requires_grad for p in meta_model.parameters()):
             raise ValueError("the meta model has no trainable parameters")
 
@@ -350,7 +352,9 @@ class SAMATrainer(Trainer):
             return self.compute_meta_loss(model, meta_inputs)
 
         # The gradients are consumed by the adaptation before θ is saved, so their buffers can hold the saved θ.
-        usable = all(g is not None and g.dtype == p.dtype and g.shape == p.shape for g, p in zip(last_grads, base_params))
+        usable = all(
+            g is not None and g.dtype == p.dtype and g.shape == p.shape for g, p in zip(last_grads, base_params)
+        )
         was_training = model.training
         model.train()
         try:
@@ -436,9 +440,7 @@ class SAMATrainer(Trainer):
         if weights:
             stats = torch.stack(weights)
             mean, std, lo, hi = stats[:, 0].mean(), stats[:, 1].mean(), stats[:, 2].min(), stats[:, 3].max()
-            out.update(
-                {"meta/weight_mean": mean.item(), "meta/weight_std": std.item(), "meta/weight_min": lo.item()}
-            )
+            out.update({"meta/weight_mean": mean.item(), "meta/weight_std": std.item(), "meta/weight_min": lo.item()})
             out["meta/weight_max"] = hi.item()
         for key, values in metrics.items():
             if key in ("skipped", "meta_skipped"):
@@ -508,7 +510,9 @@ class SAMATrainer(Trainer):
         with open(path, encoding="utf-8") as f:
             card = f.read()
         # a model built from a config has no name to be "fine-tuned from"
-        card = card.replace("This model is a fine-tuned version of [](https://huggingface.co/)", "This model was trained")
+        card = card.replace(
+            "This model is a fine-tuned version of [](https://huggingface.co/)", "This model was trained"
+        )
         with open(path, "w", encoding="utf-8") as f:
             f.write(card.rstrip() + "\n\n" + sama_card_section(self) + "\n")
 
