@@ -42,6 +42,8 @@ MetaGradientMethod = Callable[..., "MetaGradients"]
 _METHODS: dict[str, MetaGradientMethod] = {}
 # methods whose result depends on the base optimizer's adaptation (they need a supported optimizer)
 ADAPTIVE_METHODS: set[str] = set()
+# methods that differentiate through ∇_θ L_base (double backward): base_loss() must keep the graph to θ
+SECOND_ORDER_METHODS: set[str] = set()
 
 
 class MetaGradients(list):
@@ -58,13 +60,22 @@ class MetaGradients(list):
         self.stats["skipped"] = float(skipped)
 
 
-def register_method(name: str, *, adaptive: bool = False) -> Callable[[MetaGradientMethod], MetaGradientMethod]:
-    """Register a meta-gradient method under ``name`` (usable as ``SAMAConfig.meta_gradient``)."""
+def register_method(
+    name: str, *, adaptive: bool = False, second_order: bool = False
+) -> Callable[[MetaGradientMethod], MetaGradientMethod]:
+    """Register a meta-gradient method under ``name`` (usable as ``SAMAConfig.meta_gradient``).
+
+    ``adaptive``: the method reads the base optimizer (it must have a du/dg rule). ``second_order``: the method
+    differentiates through ∇_θ L_base, so ``base_loss()`` must be differentiable w.r.t. θ (first-order methods get a
+    base loss whose base-model forward runs without a graph).
+    """
 
     def decorator(fn: MetaGradientMethod) -> MetaGradientMethod:
         _METHODS[name] = fn
         if adaptive:
             ADAPTIVE_METHODS.add(name)
+        if second_order:
+            SECOND_ORDER_METHODS.add(name)
         return fn
 
     return decorator

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 from .adaptation import check_adaptation_supported
 from .losses import per_example_cross_entropy, soft_cross_entropy
 from .meta_data import MetaBatchStream
-from .meta_gradient import ADAPTIVE_METHODS, meta_gradient
+from .meta_gradient import ADAPTIVE_METHODS, SECOND_ORDER_METHODS, meta_gradient
 from .meta_nets import LabelCorrectionNet, MetaWeightNet
 from .sama_config import SAMAConfig
 
@@ -343,8 +343,11 @@ class SAMATrainer(Trainer):
         base_inputs, base_labels = self._last_base_batch
         meta_inputs = self._prepare_inputs(self._meta_batches().next_batch())
 
+        # first-order methods only need base-model values: no graph through the base model in perturbed passes
+        base_grad = torch.enable_grad if args.meta_gradient in SECOND_ORDER_METHODS else torch.no_grad
+
         def base_loss() -> torch.Tensor:
-            with torch.no_grad():
+            with base_grad():
                 losses, logits = self.compute_per_example_loss(model, dict(base_inputs), base_labels)
             return self.meta_objective(losses, logits, base_labels)[0]
 
