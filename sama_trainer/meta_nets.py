@@ -22,8 +22,13 @@ __all__ = ["LabelCorrectionNet", "MetaWeightNet"]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def _work_dtype(module: nn.Module) -> torch.dtype:
+    """The meta net's parameter dtype, at least float32 (inputs may come from a half-precision base model)."""
+    return torch.promote_types(next(module.parameters()).dtype, torch.float32)
 
 
 class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
@@ -54,13 +59,13 @@ class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
         nn.init.constant_(self.net[2].bias, init_bias)
 
     def forward(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        features = [losses.float().reshape(-1, 1)]
+        dtype = _work_dtype(self)
+        features = [losses.to(dtype).reshape(-1, 1)]
         if self.use_uncertainty:
             if logits is None:
                 raise ValueError("MetaWeightNet(use_uncertainty=True) needs the base model's logits")
-            features.append(_entropy(logits).reshape(-1, 1))
-        dtype = self.net[0].weight.dtype
-        weights = self.weight_scale * torch.sigmoid(self.net(torch.cat(features, dim=-1).to(dtype))).squeeze(-1)
+            features.append(_entropy(logits.to(dtype)).reshape(-1, 1))
+        weights = self.weight_scale * torch.sigmoid(self.net(torch.cat(features, dim=-1))).squeeze(-1)
         if self.normalize:
             weights = weights / weights.mean().clamp_min(1e-8)
         return weights
@@ -99,16 +104,12 @@ class LabelCorrectionNet(nn.Module, PyTorchModelHubMixin):
         nn.init.zeros_(self.net[2].bias)
         self.label_logit = nn.Parameter(torch.tensor(float(label_prior)))
 
-    def _targets(self, labels: torch.Tensor) -> torch.Tensor:
-        if labels.dim() == 2:
-            return labels.float()
-        return F.one_hot(labels.long(), self.num_labels).float()
-
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        noisy = self._targets(labels)
-        features = F.softmax(logits.float(), dim=-1) if self.use_probabilities else logits.float()
-        dtype = self.net[0].weight.dtype
-        out = self.net(torch.cat([features, noisy], dim=-1).to(dtype)).float() + self.label_logit * noisy
+        dtype = _work_dtype(self)
+        noisy = labels.to(dtype) if labels.dim() == 2 else F.one_hot(labels.long(), self.num_labels).to(dtype)
+        logits = logits.to(dtype)
+        features = F.softmax(logits, dim=-1) if self.use_probabilities else logits
+        out = self.net(torch.cat([features, noisy], dim=-1)) + self.label_logit * noisy
         corrected = F.softmax(out, dim=-1)
         if self.mix_noisy:
             corrected = self.mix_noisy * noisy + (1.0 - self.mix_noisy) * corrected
