@@ -1,0 +1,195 @@
+"""SAMATrainer on a tiny BERT built from a config: training, logging, checkpoints, saving, errors."""
+
+import os
+
+import pytest
+import torch
+from helpers import tiny_bert, token_dataset
+from transformers import TrainerCallback
+
+from sama_trainer import (
+    LabelCorrectionNet,
+    MetaWeightNet,
+    SAMAConfig,
+    SAMATrainer,
+    UnsupportedOptimizerError,
+    load_meta_model,
+)
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=12,
+        unroll_steps=2,
+        logging_steps=4,
+        learning_rate=1e-3,
+        meta_learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+    )
+    kwargs.update(overrides)
+    return SAMAConfig(**kwargs)
+
+
+def datasets(n_train=64, n_meta=16):
+    train = token_dataset(n_train, noise=0.3, seed=1).remove_columns(["clean_labels"])
+    meta = token_dataset(n_meta, seed=2).remove_columns(["clean_labels"])
+    return train, meta
+
+
+def params_of(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("objective", ["reweight", "correct", "reweight+correct"])
+def test_trains_updates_base_and_meta_and_logs_meta_metrics(tmp_path, objective):
+    train, meta = datasets()
+    trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_objective=objective), train, meta)
+    base_before, meta_before = params_of(trainer.model), params_of(trainer.meta_model)
+    trainer.train()
+    assert all(not torch.equal(base_before[n], p) for n, p in trainer.model.named_parameters() if "pooler" not in n)
+    assert all(not torch.equal(meta_before[n], p) for n, p in trainer.meta_model.named_parameters())
+    assert trainer.meta_step_count == 12 // 2 and trainer.meta_steps_skipped == 0
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for key in ("meta/meta_loss", "meta/v_norm", "meta/eps", "meta/steps", "meta/skipped_steps"):
+        assert all(key in h and h[key] == h[key] for h in logs), key  # present and not NaN
+    if "reweight" in objective:
+        assert all(0 <= h["meta/weight_min"] <= h["meta/weight_mean"] <= h["meta/weight_max"] for h in logs)
+    assert logs[-1]["meta/steps"] == 6
+
+
+def test_meta_warmup_delays_meta_steps(tmp_path):
+    train, meta = datasets()
+    trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_warmup_steps=8), train, meta)
+    trainer.train()
+    assert trainer.meta_step_count == 2  # steps 10 and 12
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interruption: stop after `step` optimizer steps (the checkpoint at that step is written)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _run(tmp_path, name, stop_at=None, resume=None):
+    train, meta = datasets()
+    args = make_args(
+        tmp_path,
+        output_dir=str(tmp_path / name),
+        save_strategy="steps",
+        save_steps=6,
+        meta_objective="reweight+correct",
+    )
+    callbacks = [StopAt(stop_at)] if stop_at else None
+    trainer = SAMATrainer(tiny_bert(), args, train, meta, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    full = _run(tmp_path, "full")
+    first = _run(tmp_path, "interrupted", stop_at=6)
+    assert first.state.global_step == 6
+    checkpoint = os.path.join(first.args.output_dir, "checkpoint-6")
+    assert os.path.isfile(os.path.join(checkpoint, "sama_meta_state.pt"))
+    resumed = _run(tmp_path, "interrupted", resume=checkpoint)
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    for (n, a), b in zip(full.meta_model.named_parameters(), resumed.meta_model.parameters()):
+        assert torch.equal(a, b), n
+    assert resumed.meta_step_count == full.meta_step_count == 6
+    assert resumed._meta_batches().state_dict() == full._meta_batches().state_dict()
+
+
+def test_save_model_writes_loadable_meta_net_and_model_card(tmp_path):
+    train, meta = datasets()
+    trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_objective="reweight+correct"), train, meta)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    loaded = load_meta_model(str(out / "sama_meta_model"))
+    assert isinstance(loaded["reweight"], MetaWeightNet) and isinstance(loaded["correct"], LabelCorrectionNet)
+    loaded_state = loaded.state_dict()
+    assert set(loaded_state) == set(trainer.meta_model.state_dict())
+    for n, a in trainer.meta_model.state_dict().items():
+        assert torch.equal(a.cpu(), loaded_state[n]), n
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Trained with SAMA meta learning" in card and "unroll_steps" in card and "2310.05674" in card
+    assert "- sama" in card and "[](https://huggingface.co/)" not in card
+
+
+def test_example_weights_and_corrections_cover_the_dataset(tmp_path):
+    train, meta = datasets()
+    trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_objective="reweight+correct"), train, meta)
+    trainer.train()
+    out = trainer.compute_example_weights(train)
+    assert len(out["weight"]) == len(out["loss"]) == len(out["corrected_label"]) == len(train)
+    assert all(w >= 0 for w in out["weight"])
+    assert all(abs(sum(p) - 1) < 1e-5 for p in out["corrected_probs"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad inputs: clear errors before training starts
+
+
+def test_missing_meta_dataset(tmp_path):
+    train, _ = datasets()
+    with pytest.raises(ValueError, match="needs meta_dataset"):
+        SAMATrainer(tiny_bert(), make_args(tmp_path), train, None)
+
+
+def test_meta_dataset_without_labels(tmp_path):
+    train, meta = datasets()
+    with pytest.raises(ValueError, match="no label column"):
+        SAMATrainer(tiny_bert(), make_args(tmp_path), train, meta.remove_columns(["labels"]))
+
+
+def test_unknown_method_and_bad_unroll(tmp_path):
+    with pytest.raises(ValueError, match="unknown meta_gradient 'darts2'.*sama"):
+        make_args(tmp_path, meta_gradient="darts2")
+    with pytest.raises(ValueError, match="unroll_steps must be >= 1"):
+        make_args(tmp_path, unroll_steps=0)
+    with pytest.raises(ValueError, match="meta_objective"):
+        make_args(tmp_path, meta_objective="relabel")
+
+
+def test_plain_training_arguments_rejected(tmp_path):
+    from transformers import TrainingArguments
+
+    train, meta = datasets()
+    with pytest.raises(TypeError, match="SAMAConfig"):
+        SAMATrainer(tiny_bert(), TrainingArguments(output_dir=str(tmp_path)), train, meta)
+
+
+def test_unsupported_optimizer_fails_before_training(tmp_path):
+    train, meta = datasets()
+    trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, optim="rmsprop"), train, meta)
+    before = params_of(trainer.model)
+    with pytest.raises(UnsupportedOptimizerError, match="RMSprop.*Supported: Adam, SGD"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    with pytest.raises(UnsupportedOptimizerError):
+        opt = torch.optim.RMSprop(tiny_bert().parameters())
+        SAMATrainer(tiny_bert(), make_args(tmp_path), train, meta, optimizers=(opt, None))
+    # SAMA-NA needs no adaptation rule, so any optimizer works
+    SAMATrainer(tiny_bert(), make_args(tmp_path, optim="rmsprop", meta_gradient="sama-na", max_steps=2), train, meta)
+
+
+def test_reentrant_checkpointing_rejected(tmp_path):
+    train, meta = datasets()
+    args = make_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="non-reentrant"):
+        SAMATrainer(tiny_bert(), args, train, meta)
