@@ -146,11 +146,21 @@ def grads_or_zeros(loss: torch.Tensor, params: Sequence[torch.Tensor], **kwargs:
 
 
 def meta_loss_gradients(
-    meta_loss: LossClosure, base_params: Sequence[torch.Tensor], meta_params: Sequence[torch.Tensor]
+    meta_loss: LossClosure,
+    base_params: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One backward of L_meta: returns (L_meta detached, v = ∂L_meta/∂θ, direct = ∂L_meta/∂λ)."""
+    """One backward of L_meta: returns (L_meta detached, v = ∂L_meta/∂θ, direct = ∂L_meta/∂λ).
+
+    ``loss_scale`` multiplies L_meta before the backward and divides the gradients after it (fp16: keeps small
+    gradients from underflowing, as a grad scaler does).
+    """
     loss = meta_loss()
-    grads = grads_or_zeros(loss, list(base_params) + list(meta_params))
+    grads = grads_or_zeros(loss * loss_scale if loss_scale != 1.0 else loss, list(base_params) + list(meta_params))
+    if loss_scale != 1.0:
+        with torch.no_grad():
+            torch._foreach_div_(grads, loss_scale)
     n = len(base_params)
     return loss.detach(), grads[:n], grads[n:]
 
@@ -247,8 +257,9 @@ def _finite_difference_method(
     workspace: Sequence[torch.Tensor] | None = None,
     base_step_hook: Callable[[list[torch.Tensor]], None] | None = None,
     share_rng: bool = True,
+    loss_scale: float = 1.0,
 ) -> MetaGradients:
-    loss, v, direct = meta_loss_gradients(meta_loss, base_params, meta_params)
+    loss, v, direct = meta_loss_gradients(meta_loss, base_params, meta_params, loss_scale)
     stats = {"meta_loss": float(loss.float().item()), "v_norm": float(global_norm(v).item())}
     if not (math.isfinite(stats["meta_loss"]) and math.isfinite(stats["v_norm"])):
         return _skipped(meta_params, stats, "nonfinite_v")
@@ -303,7 +314,7 @@ def sama(
 
     ``optimizer=None`` uses identity adaptation (plain SGD semantics without the learning rate).
     Options: ``bias_correction`` (True), ``restore`` (True; False leaves θ at θ - εu), ``workspace``,
-    ``base_step_hook``, ``share_rng`` (True).
+    ``base_step_hook``, ``share_rng`` (True), ``loss_scale`` (1.0; scales L_meta's backward, e.g. for fp16).
     """
     if optimizer is not None:
         check_adaptation_supported(optimizer)
@@ -345,3 +356,6 @@ def sama_na(
         adapt=False,
         **options,
     )
+
+
+from . import meta_gradient_baselines  # noqa: E402,F401  (registers t1t2, neumann, cg, unrolled)

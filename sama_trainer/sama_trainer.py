@@ -136,7 +136,9 @@ class SAMATrainer(Trainer):
         self.meta_data_collator = meta_data_collator
         self._meta_stream: MetaBatchStream | None = None
         self._pending_meta_stream_state: dict | None = None
-        self._last_base_batch: tuple[dict, Any] | None = None
+        # the micro-batches of the current optimizer step (references only): the finite difference uses all of them
+        self._step_micro_batches: list[tuple[dict, Any]] = []
+        self.last_meta_gradients: list[torch.Tensor] | None = None
         self._meta_metrics: dict[str, list] = defaultdict(list)
         self.meta_step_count = 0
         self.meta_steps_skipped = 0
@@ -274,7 +276,7 @@ class SAMATrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
         inputs = dict(inputs)
         labels = self._pop_labels(inputs)
-        self._last_base_batch = (inputs, labels)
+        self._step_micro_batches.append((inputs, labels))
         losses, logits = self.compute_per_example_loss(model, inputs, labels)
         loss, weights = self.meta_objective(losses, logits, labels)
         extra = self.extra_base_loss(model, inputs)
@@ -308,13 +310,21 @@ class SAMATrainer(Trainer):
 
     def _maybe_meta_step(self) -> None:
         step = self.state.global_step + 1  # the optimizer step that just ran
+        micro_batches, self._step_micro_batches = self._step_micro_batches, []
         if step <= self.args.meta_warmup_steps or step % self.args.unroll_steps != 0:
             return
         if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the base step did not happen
             self.meta_steps_skipped += 1
             self._meta_metrics["meta_skipped"].append(1.0)
             return
-        self.meta_step()
+        self.meta_step(micro_batches)
+
+    def _loss_scale_option(self) -> dict[str, float]:
+        """fp16 with a grad scaler: scale the meta loss's backward as the base step's is scaled."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return {}
+        return {"loss_scale": float(scaler.get_scale())}
 
     def _base_params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -331,25 +341,31 @@ class SAMATrainer(Trainer):
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def meta_step(self) -> None:
-        """One SAMA meta step on a fresh meta batch and the last base batch; updates the meta network."""
-        if self._last_base_batch is None:
+    def meta_step(self, base_batches: list[tuple[dict, Any]]) -> None:
+        """One meta step on a fresh meta batch and the base step's micro-batches; updates the meta network.
+
+        The base loss of the perturbed passes is the mean over ``base_batches`` (all micro-batches of the optimizer
+        step that just ran), so gradient accumulation does not change the meta-gradient.
+        """
+        if not base_batches:
             return
         args = self.args
         model = self.model  # unwrapped: no DDP hooks fire, autocast (if any) is patched onto its forward
         base_params = self._base_params()
         meta_params = [p for p in self.meta_model.parameters() if p.requires_grad]
         last_grads = [p.grad for p in base_params]
-        base_inputs, base_labels = self._last_base_batch
         meta_inputs = self._prepare_inputs(self._meta_batches().next_batch())
 
         # first-order methods only need base-model values: no graph through the base model in perturbed passes
         base_grad = torch.enable_grad if args.meta_gradient in SECOND_ORDER_METHODS else torch.no_grad
 
         def base_loss() -> torch.Tensor:
-            with base_grad():
-                losses, logits = self.compute_per_example_loss(model, dict(base_inputs), base_labels)
-            return self.meta_objective(losses, logits, base_labels)[0]
+            total = 0.0
+            for inputs, labels in base_batches:
+                with base_grad():
+                    losses, logits = self.compute_per_example_loss(model, dict(inputs), labels)
+                total = total + self.meta_objective(losses, logits, labels)[0]
+            return total / len(base_batches)
 
         def meta_loss() -> torch.Tensor:
             return self.compute_meta_loss(model, meta_inputs)
@@ -374,6 +390,7 @@ class SAMATrainer(Trainer):
                 workspace=last_grads if usable else None,
                 base_step_hook=self._all_reduce_mean_ if args.world_size > 1 else None,
                 bias_correction=args.sama_bias_correction,
+                **self._loss_scale_option(),
                 **(args.meta_gradient_kwargs or {}),
             )
         finally:
@@ -386,6 +403,7 @@ class SAMATrainer(Trainer):
             self.meta_steps_skipped += 1
             return
         self._all_reduce_mean_(grads)
+        self.last_meta_gradients = [g.detach().clone() for g in grads]
         for p, g in zip(meta_params, grads):
             p.grad = g.to(p.dtype)
         self.meta_optimizer.step()
