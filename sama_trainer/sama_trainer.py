@@ -115,6 +115,13 @@ class SAMATrainer(Trainer):
                 "SAMA needs non-reentrant gradient checkpointing: set gradient_checkpointing_kwargs="
                 "{'use_reentrant': False} (the default)."
             )
+        if args.fsdp or args.deepspeed:
+            raise NotImplementedError(
+                "SAMATrainer supports DDP (single and multi node) but not FSDP/DeepSpeed ZeRO yet: the perturbed "
+                "passes run through the unwrapped module and take ∂L_meta/∂θ with autograd.grad, which sharded "
+                "parameters do not support (no all-gather, no reduce-scatter outside .grad). See README, "
+                "'Distributed training'."
+            )
         if getattr(args, "ddp_static_graph", False):
             raise ValueError("ddp_static_graph=True is incompatible with SAMA's periodic meta step; leave it False.")
         model = self._wrap_peft(model, peft_config)
