@@ -264,6 +264,9 @@ def _finite_difference_method(
     if not (math.isfinite(stats["meta_loss"]) and math.isfinite(stats["v_norm"])):
         return _skipped(meta_params, stats, "nonfinite_v")
     if adapt and optimizer is not None:
+        # u overwrites v in place, except where autograd returned one tensor for a parameter in both θ and λ
+        direct_ids = {id(d) for d in direct}
+        v = [t.clone() if id(t) in direct_ids else t for t in v]
         u = apply_adaptation_(optimizer, base_params, last_grads, v, bias_correction=bias_correction)
     else:
         u = v

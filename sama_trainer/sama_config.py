@@ -24,11 +24,14 @@ class SAMAConfig(TrainingArguments):
             Extra options for the method (e.g. `{"bias_correction": False}`; iterations for `neumann`/`cg`).
         unroll_steps (`int`, defaults to `10`):
             One meta step every `unroll_steps` base optimizer steps (gradient accumulation counted as one step).
-        sama_alpha (`float`, defaults to `1.0`):
-            Finite-difference step: the base parameters are perturbed by ±εu with ‖εu‖₂ = `sama_alpha`.
+        sama_alpha (`float`, *optional*):
+            Step size of the method: for the finite-difference methods the base parameters are perturbed by ±εu
+            with ‖εu‖₂ = `sama_alpha`. `None` takes the method's default (1.0 for `sama`/`sama-na`, 0.01 for
+            `t1t2`).
         sama_base_update (`bool`, defaults to `True`):
             After each meta step leave θ at θ - εu (a step that lowers the meta loss to first order), as in the
-            paper's experiments; `False` restores θ bit-for-bit.
+            paper's experiments; `False` restores θ bit-for-bit. Applies to the finite-difference methods
+            (`sama`, `sama-na`, `t1t2`); the other methods always restore θ.
         sama_bias_correction (`bool`, defaults to `True`):
             Include Adam's bias correction in du/dg (`False` reproduces the authors' reference library).
         meta_learning_rate (`float`, defaults to `1e-3`):
@@ -56,7 +59,9 @@ class SAMAConfig(TrainingArguments):
         default=None, metadata={"help": "Extra options of the meta-gradient method (JSON dict)."}
     )
     unroll_steps: int = field(default=10, metadata={"help": "Base optimizer steps between two meta steps."})
-    sama_alpha: float = field(default=1.0, metadata={"help": "Finite-difference perturbation size ‖εu‖."})
+    sama_alpha: float | None = field(
+        default=None, metadata={"help": "Finite-difference size ‖εu‖ (None: the method's default, 1.0 for SAMA)."}
+    )
     sama_base_update: bool = field(
         default=True, metadata={"help": "Leave θ at θ-εu after each meta step (as the paper); False restores θ."}
     )
@@ -90,7 +95,7 @@ class SAMAConfig(TrainingArguments):
             )
         if self.meta_objective not in META_OBJECTIVES:
             raise ValueError(f"meta_objective must be one of {META_OBJECTIVES}, got {self.meta_objective!r}")
-        if not self.sama_alpha > 0:
+        if self.sama_alpha is not None and not self.sama_alpha > 0:
             raise ValueError(f"sama_alpha must be > 0 (got {self.sama_alpha})")
         if self.meta_learning_rate < 0 or self.meta_weight_decay < 0:
             raise ValueError("meta_learning_rate and meta_weight_decay must be >= 0")

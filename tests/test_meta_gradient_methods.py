@@ -410,14 +410,9 @@ def test_unrolled_one_step_maml_integers():
         assert torch.equal(theta, torch.zeros(3, dtype=DT))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meta_gradient._finite_difference_method scales v in place by du/dg (apply_adaptation_), and autograd "
-    "returns one tensor for ∂L_meta/∂θ and ∂L_meta/∂λ when L_meta depends on θ + λ, so the direct part is scaled too",
-)
 def test_sama_direct_part_with_aliased_gradients():
     """Same MAML parametrization, SAMA with an SGD(lr = ½) base optimizer: the loss is linear-quadratic, so the central
-    difference is exact and the answer is b(bᵀλ) - ½ aaᵀ b(bᵀλ) (at θ = 0). Remove the marker once fixed."""
+    difference is exact and the answer is b(bᵀλ) - ½ aaᵀ b(bᵀλ) (at θ = 0)."""
     a, b = torch.tensor([1.0, 2, 3], dtype=DT), torch.tensor([4.0, 5, 6], dtype=DT)
     lam = torch.nn.Parameter(torch.tensor([2.0, 3, 5], dtype=DT))
     theta = torch.nn.Parameter(torch.zeros(3, dtype=DT))

@@ -170,7 +170,7 @@ def test_lora_meta_gradient_equals_manual_computation_on_adapter_params(tmp_path
         group["lr"] = lr
     diag = adaptation_diagonal(trainer.optimizer, params, captured["grads"])
     u = [d * vi for d, vi in zip(diag, v)]
-    eps = args.sama_alpha / math.sqrt(sum((x**2).sum().item() for x in u))
+    eps = 1.0 / math.sqrt(sum((x**2).sum().item() for x in u))
 
     def weighted_loss_grad(sign):
         with torch.no_grad():
