@@ -6,6 +6,8 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification
 
+from sama_trainer import SAMAConfig
+
 
 VOCAB = 64
 
@@ -42,3 +44,29 @@ def token_dataset(n: int, num_labels: int = 3, seq_len: int = 8, seed: int = 0, 
             "clean_labels": labels.tolist(),
         }
     )
+
+
+def sama_args(output_dir, **overrides) -> SAMAConfig:
+    """Small, fast, deterministic CPU defaults for trainer tests."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=12,
+        unroll_steps=2,
+        logging_steps=4,
+        learning_rate=1e-3,
+        meta_learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return SAMAConfig(**kwargs)
+
+
+def train_and_meta(n_train: int = 64, n_meta: int = 16) -> tuple[Dataset, Dataset]:
+    """A noisy training set (30% flipped labels) and a clean meta set."""
+    train = token_dataset(n_train, noise=0.3, seed=1).remove_columns(["clean_labels"])
+    meta = token_dataset(n_meta, seed=2).remove_columns(["clean_labels"])
+    return train, meta

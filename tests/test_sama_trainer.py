@@ -4,13 +4,12 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_bert, token_dataset
+from helpers import sama_args, tiny_bert, train_and_meta
 from transformers import TrainerCallback
 
 from sama_trainer import (
     LabelCorrectionNet,
     MetaWeightNet,
-    SAMAConfig,
     SAMATrainer,
     UnsupportedOptimizerError,
     load_meta_model,
@@ -18,28 +17,11 @@ from sama_trainer import (
 
 
 def make_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        max_steps=12,
-        unroll_steps=2,
-        logging_steps=4,
-        learning_rate=1e-3,
-        meta_learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-    )
-    kwargs.update(overrides)
-    return SAMAConfig(**kwargs)
+    return sama_args(overrides.pop("output_dir", tmp_path / "out"), data_seed=0, **overrides)
 
 
-def datasets(n_train=64, n_meta=16):
-    train = token_dataset(n_train, noise=0.3, seed=1).remove_columns(["clean_labels"])
-    meta = token_dataset(n_meta, seed=2).remove_columns(["clean_labels"])
-    return train, meta
+def datasets():
+    return train_and_meta()
 
 
 def params_of(module):

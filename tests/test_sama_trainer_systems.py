@@ -4,37 +4,20 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_bert, token_dataset
+from helpers import sama_args, tiny_bert, train_and_meta
 
-from sama_trainer import SAMAConfig, SAMATrainer
+from sama_trainer import SAMATrainer
 from sama_trainer.adaptation import adaptation_diagonal
 from sama_trainer.losses import per_example_cross_entropy
 
 
 def make_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        meta_batch_size=8,
-        max_steps=8,
-        unroll_steps=2,
-        logging_steps=4,
-        learning_rate=1e-3,
-        meta_learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        meta_objective="reweight+correct",
-    )
-    kwargs.update(overrides)
-    return SAMAConfig(**kwargs)
+    defaults = dict(meta_batch_size=8, max_steps=8, meta_objective="reweight+correct")
+    return sama_args(tmp_path / "out", **{**defaults, **overrides})
 
 
 def datasets():
-    train = token_dataset(64, noise=0.3, seed=1).remove_columns(["clean_labels"])
-    meta = token_dataset(16, seed=2).remove_columns(["clean_labels"])
-    return train, meta
+    return train_and_meta()
 
 
 def trained(tmp_path, model=None, **overrides):
