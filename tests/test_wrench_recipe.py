@@ -1,0 +1,136 @@
+"""End-to-end tests of ``recipes/wrench_noisy_finetune.py`` on a tiny synthetic WRENCH folder and a tiny BERT."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+
+from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_weak_supervision, write_wrench_format
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "wrench_noisy_finetune.py"
+RESULT_KEYS = {
+    "method",
+    "dataset",
+    "seed",
+    "metric_name",
+    "test_metric",
+    "valid_metric",
+    "train_steps",
+    "train_seconds",
+    "clean_per_class",
+}
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("wrench_noisy_finetune", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def wrench_dir(tmp_path_factory) -> Path:
+    data = make_synthetic_weak_supervision(num_train=96, num_valid=40, num_test=32, num_classes=2, seed=3)
+    return write_wrench_format(data, tmp_path_factory.mktemp("data") / "tinyws")
+
+
+def _run(recipe, wrench_dir: Path, out: Path, *extra: str):
+    argv = [
+        "--dataset_dir", str(wrench_dir), "--model_name_or_path", recipe.TINY_MODEL, "--output_dir", str(out),
+        "--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+        "--learning_rate", "1e-3", "--max_seq_length", "24", "--save_strategy", "no", "--report_to", "none",
+        "--disable_tqdm", "true", "--seed", "0", "--use_cpu", "true", *extra,
+    ]  # fmt: skip
+    script_args, training_args = recipe.parse_args(argv)
+    return recipe.main(script_args, training_args)
+
+
+def _check_results(out: Path, method: str) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["method"] == method and results["dataset"] == "tinyws" and results["seed"] == 0
+    assert results["metric_name"] == "accuracy"
+    assert 0.0 <= results["test_metric"] <= 1.0 and 0.0 <= results["valid_metric"] <= 1.0
+    assert results["train_seconds"] > 0
+    assert (out / "README.md").is_file()
+    return results
+
+
+def test_baselines_end_to_end(recipe, wrench_dir, tmp_path):
+    results = _run(
+        recipe, wrench_dir, tmp_path, "--method", "finetune,cft", "--clean_per_class", "5", "--clean_steps", "3",
+        "--save_model", "false",
+    )  # fmt: skip
+    assert [r["method"] for r in results] == ["finetune", "cft"]
+    finetune = _check_results(tmp_path / "finetune", "finetune")
+    cft = _check_results(tmp_path / "cft", "cft")
+    assert finetune["train_steps"] == 4 and cft["train_steps"] == 4 + 3
+    # --clean_per_class: 5 clean examples per class for both classes
+    assert finetune["clean_per_class"] == 5 and finetune["num_clean"] == cft["num_clean"] == 10
+    assert "noise_auroc" not in finetune
+    assert "finetune" in (tmp_path / "finetune" / "README.md").read_text()
+    assert "| cft |" in (tmp_path / "summary.md").read_text()
+
+
+def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
+    (result,) = _run(recipe, wrench_dir, tmp_path, "--method", "sama_rc", "--unroll_steps", "2")
+    results = _check_results(tmp_path, "sama_rc")
+    assert result == results
+    assert results["train_steps"] == 4 and results["meta_steps"] == 2
+    assert results["meta_objective"] == "reweight+correct" and results["meta_gradient"] == "sama"
+    assert results["noise_auroc"] is None or 0.0 <= results["noise_auroc"] <= 1.0
+    assert results["num_clean"] == 40  # default: the whole valid split
+    # weights file: loadable with datasets, one row per covered training example, aligned with the ids
+    weights = load_dataset("json", data_files=str(tmp_path / "example_weights.jsonl"), split="train")
+    data = load_wrench(wrench_dir)
+    train = apply_label_model(data["train"], data.num_classes, tie_break="wrench")
+    assert weights["id"] == train["id"] and weights["weak_label"] == train["weak_label"]
+    assert weights["label"] == train["label"]
+    w = np.asarray(weights["weight"])
+    assert np.isfinite(w).all() and (w >= 0).all()
+    assert set(weights["corrected_label"]) <= {0, 1} and len(weights["corrected_probs"][0]) == 2
+    assert (tmp_path / "weights_hist.png").stat().st_size > 0
+    card = (tmp_path / "README.md").read_text()
+    assert "Trained with SAMA" in card and "WRENCH results" in card
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "sama_meta_model").is_dir()
+
+
+def test_config_file_gives_defaults_cli_overrides(recipe, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset_dir: some/dir\nmethod: sama_r\nmax_steps: 7\nunroll_steps: 3\nenv:\n  WRENCH_X: '1'\n")
+    script_args, training_args = recipe.parse_args(["--config", str(config), "--max_steps", "9", "--output_dir", "o"])
+    assert script_args.dataset_dir == "some/dir" and script_args.method == "sama_r"
+    assert training_args.max_steps == 9 and training_args.unroll_steps == 3
+    config.write_text("not_an_option: 1\n")
+    with pytest.raises(ValueError, match="not_an_option"):
+        recipe.parse_args(["--config", str(config)])
+
+
+def test_method_presets(recipe):
+    args = recipe.SAMAConfig(output_dir="o", report_to="none")
+    assert recipe.method_config("sama_na_r", args, "o").meta_gradient == "sama-na"
+    assert recipe.method_config("sama_rc", args, "o").meta_objective == "reweight+correct"
+    custom = recipe.SAMAConfig(output_dir="o", report_to="none", meta_objective="correct")
+    assert recipe.method_config("sama", custom, "o").meta_objective == "correct"
+    with pytest.raises(ValueError, match="--method sama"):
+        recipe.method_config("sama_r", custom, "o")
+    assert recipe.metric_name_for("sms", 2) == "f1" and recipe.metric_name_for("chemprot", 10) == "accuracy"
+
+
+def test_bad_inputs(recipe, wrench_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        _run(recipe, tmp_path / "missing", tmp_path / "o", "--method", "finetune")
+    with pytest.raises(ValueError, match="unknown method"):
+        _run(recipe, wrench_dir, tmp_path / "o", "--method", "finetune,magic")
+    script_args, training_args = recipe.parse_args(["--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="--dataset_dir"):
+        recipe.main(script_args, training_args)
