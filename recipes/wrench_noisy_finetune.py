@@ -147,6 +147,10 @@ class ScriptArguments:
         metadata={"help": "If the data folder is missing, use make_synthetic_weak_supervision instead of failing."},
     )
     synthetic_num_train: int = field(default=600, metadata={"help": "Training rows of the synthetic fallback."})
+    fallback_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning_rate used when no model is given and the recipe falls back to the tiny BERT."},
+    )
     num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU runs)."})
 
 
@@ -756,8 +760,11 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
     seed = training_args.seed
     data, dataset = load_data(script_args, seed)
     model_name = script_args.model_name_or_path or default_model_name()
-    if model_name != TINY_MODEL and dataset == "synthetic" and script_args.model_name_or_path is None:
-        model_name = TINY_MODEL  # the synthetic fallback is made to run anywhere quickly
+    if script_args.model_name_or_path is None:
+        if dataset == "synthetic":
+            model_name = TINY_MODEL  # the synthetic fallback is made to run anywhere quickly
+        if model_name == TINY_MODEL and script_args.fallback_learning_rate:
+            training_args = dataclasses.replace(training_args, learning_rate=script_args.fallback_learning_rate)
     tokenizer = load_tokenizer(model_name, data)
     prep = prepare_data(data, dataset, tokenizer, script_args, seed)
     logger.info(

@@ -134,3 +134,14 @@ def test_bad_inputs(recipe, wrench_dir, tmp_path):
     script_args, training_args = recipe.parse_args(["--output_dir", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--dataset_dir"):
         recipe.main(script_args, training_args)
+
+
+def test_synthetic_fallback(recipe, tmp_path):
+    argv = [
+        "--dataset_dir", str(tmp_path / "absent"), "--fallback_synthetic", "true", "--synthetic_num_train", "60",
+        "--fallback_learning_rate", "1e-3", "--method", "finetune", "--max_steps", "2", "--output_dir", str(tmp_path),
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--save_model", "false",
+    ]  # fmt: skip
+    (result,) = recipe.main(*recipe.parse_args(argv))
+    assert result["dataset"] == "synthetic" and result["model"] == recipe.TINY_MODEL
+    assert result["learning_rate"] == 1e-3 and result["train_steps"] == 2
