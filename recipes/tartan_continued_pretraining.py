@@ -365,7 +365,7 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
         0 if aux is None else len(aux),
         label_names,
     )
-    train_out = trainer.train()
+    train_out = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results: dict[str, Any] = {
         "task": args.task,
         "method": args.method,
