@@ -16,7 +16,7 @@ Examples::
     python recipes/wrench_noisy_finetune.py --config recipes/configs/demo.yaml
 
     # one method, YAML defaults overridden on the command line (several --config files merge in order)
-    python recipes/wrench_noisy_finetune.py --config recipes/configs/trec.yaml --method sama_rc \
+    python recipes/wrench_noisy_finetune.py --config recipes/configs/wrench_trec.yaml --method sama_rc \
         --clean_per_class 10 --seed 1 --output_dir outputs/trec/sama_rc/k10/seed1
 
     # several methods in one call (one sub-folder each, a comparison table at the end)
@@ -24,7 +24,7 @@ Examples::
         --method finetune,cft,sama_r --max_steps 200 --output_dir outputs/youtube
 
     # any meta-gradient of the library, distributed
-    accelerate launch recipes/wrench_noisy_finetune.py --config recipes/configs/sms.yaml --method sama_rc \
+    accelerate launch recipes/wrench_noisy_finetune.py --config recipes/configs/wrench_sms.yaml --method sama_rc \
         --meta_gradient sama-na
 
 Methods (all but ``cft``/``sama_rc_clean`` take ``max_steps`` optimizer steps; those add ``clean_steps``):
@@ -606,13 +606,13 @@ def run_method(
             sama_clean_mode=script_args.sama_clean_mode if method == "sama_rc_clean" else None,
             **_weight_diagnostics(weights, mv_correct, prep),
         )
+    if script_args.save_model:  # on every process (Trainer.save_model decides who writes)
+        trainer.save_model(output_dir)
     if args.process_index == 0:
         os.makedirs(output_dir, exist_ok=True)
         if sama_trainer is not None:
             _write_weights(weights, prep, output_dir)
             _plot_weights(weights, mv_correct, prep, method, output_dir)
-        if script_args.save_model:
-            trainer.save_model(output_dir)
         _write_model_card(trainer, sama_trainer, results, output_dir)
         with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

@@ -1,9 +1,10 @@
 """Run the WRENCH recipe over methods x datasets x seeds x clean-set sizes and write a markdown results table.
 
-Every run is its own ``recipes/wrench_noisy_finetune.py`` process with ``--config recipes/configs/<dataset>.yaml``,
-writing ``<output_root>/<dataset>/k<K>/<method>/seed<seed>/results.json``; finished runs are skipped, so an
-interrupted sweep resumes. The table (mean ± std over seeds of each dataset's WRENCH metric on test, plus mean
-training wall time) is built from whatever ``results.json`` files exist.
+Every run is its own ``recipes/wrench_noisy_finetune.py`` process with
+``--config recipes/configs/wrench_<dataset>.yaml``, writing
+``<output_root>/<dataset>/k<K>/<method>/seed<seed>/results.json``; finished runs are skipped, so an interrupted
+sweep resumes. The table (mean ± std over seeds of each dataset's WRENCH metric on test, plus mean training wall
+time and the noise AUROC of SAMA's weights) is built from whatever ``results.json`` files exist.
 
 Examples::
 
@@ -42,7 +43,7 @@ def run_dir(root: Path, dataset: str, k: str, method: str, seed: int) -> Path:
 
 
 def command(args: argparse.Namespace, dataset: str, k: str, method: str, seed: int, out: Path) -> list[str]:
-    cmd = [args.python, str(RECIPE), "--config", str(Path(args.configs_dir) / f"{dataset}.yaml")]
+    cmd = [args.python, str(RECIPE), "--config", str(Path(args.configs_dir) / f"wrench_{dataset}.yaml")]
     cmd += ["--method", method, "--seed", str(seed), "--output_dir", str(out), "--save_model", "false"]
     if _k_name(k) != "all":
         cmd += ["--clean_per_class", _k_name(k)]

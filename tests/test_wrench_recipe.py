@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -145,3 +146,22 @@ def test_synthetic_fallback(recipe, tmp_path):
     (result,) = recipe.main(*recipe.parse_args(argv))
     assert result["dataset"] == "synthetic" and result["model"] == recipe.TINY_MODEL
     assert result["learning_rate"] == 1e-3 and result["train_steps"] == 2
+
+
+def test_table_driver_collects_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("wrench_table", RECIPE.parent / "wrench_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for method, k, seed, value in [("finetune", None, 0, 0.9), ("finetune", None, 1, 0.8), ("sama_r", 10, 0, 0.95)]:
+        out = table.run_dir(tmp_path, "youtube", "all" if k is None else str(k), method, seed)
+        out.mkdir(parents=True)
+        row = {"method": method, "dataset": "youtube", "seed": seed, "metric_name": "accuracy", "test_metric": value}
+        row.update(valid_metric=value, train_steps=5, train_seconds=2.0, clean_per_class=k, noise_auroc=None)
+        (out / "results.json").write_text(json.dumps(row))
+    md = table.main(["--collect_only", "--output_root", str(tmp_path), "--markdown", str(tmp_path / "t.md")])
+    assert "| youtube (accuracy) | all | 85.0 ± 7.1 (n=2) | – |" in md
+    assert "| youtube (accuracy) | 10 | – | 95.0 (n=1) |" in md
+    assert (tmp_path / "t.md").read_text() == md
+    args = argparse.Namespace(python="py", configs_dir="c", extra=["--x"])
+    cmd = table.command(args, "trec", "10", "cft", 2, tmp_path)
+    assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
