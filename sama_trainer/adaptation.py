@@ -84,9 +84,32 @@ def check_adaptation_supported(optimizer: Any) -> None:
             raise UnsupportedOptimizerError("SAMA adaptation does not support maximize=True optimizers.")
 
 
+# Rules are elementwise, so large tensors are processed in chunks of this many elements: a rule's float32
+# temporaries then stay small instead of several copies of the largest parameter (e.g. a word embedding).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunks(p: torch.Tensor, g: torch.Tensor | None, state: dict, chunk: int | None):
+    """(param, grad, state) views over consecutive flat chunks of ``p`` (the whole tensors if small)."""
+    n = p.numel()
+    if chunk is None or n <= chunk or not p.is_contiguous():
+        yield p, g, state
+        return
+    flat = {k: v.reshape(-1) for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel() == n}
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        part = {**state, **{k: v[start:end] for k, v in flat.items()}}
+        yield p.reshape(-1)[start:end], None if g is None else g.reshape(-1)[start:end], part
+
+
 def _iter_diagonals(
-    optimizer: Any, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None] | None, bias_correction: bool
+    optimizer: Any,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None] | None,
+    bias_correction: bool,
+    chunk: int | None = None,
 ):
+    """Yields (parameter index, flat slice or None, diagonal) for each parameter (or chunk of it)."""
     opt = _unwrap(optimizer)
     rule = _find_rule(opt)
     group_of = {id(p): group for group in opt.param_groups for p in group["params"]}
@@ -94,11 +117,16 @@ def _iter_diagonals(
         grads = [None] * len(params)
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
-    for p, g in zip(params, grads):
+    for i, (p, g) in enumerate(zip(params, grads)):
         group = group_of.get(id(p))
         if group is None:
             raise ValueError("a base parameter is not managed by the optimizer; pass only the optimizer's parameters")
-        yield rule(p, g, group, opt.state.get(p, {}), bias_correction)
+        offset = 0
+        for part_p, part_g, part_state in _chunks(p, g, opt.state.get(p, {}), chunk):
+            diag = rule(part_p, part_g, group, part_state, bias_correction)
+            whole = part_p is p
+            yield i, None if whole else slice(offset, offset + part_p.numel()), diag
+            offset += part_p.numel()
 
 
 @torch.no_grad()
@@ -120,8 +148,8 @@ def adaptation_diagonal(
             reference implementation does (it then matches that implementation up to where Adam's eps sits).
     """
     out = []
-    for p, diag in zip(params, _iter_diagonals(optimizer, params, grads, bias_correction)):
-        out.append(diag if isinstance(diag, torch.Tensor) else torch.full_like(p, float(diag)))
+    for i, _, diag in _iter_diagonals(optimizer, params, grads, bias_correction):
+        out.append(diag if isinstance(diag, torch.Tensor) else torch.full_like(params[i], float(diag)))
     return out
 
 
@@ -134,8 +162,9 @@ def apply_adaptation_(
     *,
     bias_correction: bool = True,
 ) -> list[torch.Tensor]:
-    """Multiply ``vectors`` in place by du/dg (one parameter at a time, no full-size diagonal kept). Returns them."""
-    for v, diag in zip(vectors, _iter_diagonals(optimizer, params, grads, bias_correction)):
+    """Multiply ``vectors`` in place by du/dg, chunk by chunk (no full-size diagonal is kept). Returns them."""
+    for i, part, diag in _iter_diagonals(optimizer, params, grads, bias_correction, chunk=CHUNK_ELEMENTS):
+        v = vectors[i] if part is None else vectors[i].view(-1)[part]
         v.mul_(diag.to(v.dtype) if isinstance(diag, torch.Tensor) else diag)
     return list(vectors)
 

@@ -140,3 +140,24 @@ def test_wrapped_optimizer_is_unwrapped():
     theta = torch.nn.Parameter(torch.randn(3))
     opt = torch.optim.SGD([theta], lr=0.5)
     assert torch.equal(adaptation_diagonal(Wrapper(opt), [theta], None)[0], torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("name", ["adam_amsgrad", "adamw", "sgd_momentum"])
+def test_chunked_in_place_adaptation_equals_whole_tensor_diagonal(name, monkeypatch):
+    import sama_trainer.adaptation as adaptation
+
+    cls, kwargs = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(37, 11, generator=gen)), torch.nn.Parameter(torch.randn(5, generator=gen))]
+    opt = cls(params, **kwargs)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    grads = [p.grad for p in params]
+    whole = adaptation_diagonal(opt, params, grads)
+    monkeypatch.setattr(adaptation, "CHUNK_ELEMENTS", 100)  # 407 elements -> 5 chunks, the small tensor whole
+    v = [torch.randn(p.shape, generator=gen) for p in params]
+    chunked = apply_adaptation_(opt, params, grads, [x.clone() for x in v])
+    for c, d, x in zip(chunked, whole, v):
+        torch.testing.assert_close(c, d * x)
