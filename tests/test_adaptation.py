@@ -148,7 +148,8 @@ def test_chunked_in_place_adaptation_equals_whole_tensor_diagonal(name, monkeypa
 
     cls, kwargs = OPTIMIZERS[name]
     gen = torch.Generator().manual_seed(7)
-    params = [torch.nn.Parameter(torch.randn(37, 11, generator=gen)), torch.nn.Parameter(torch.randn(5, generator=gen))]
+    shapes = [(37, 11), (5,)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
     opt = cls(params, **kwargs)
     for _ in range(3):
         for p in params:
