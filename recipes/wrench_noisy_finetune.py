@@ -137,10 +137,21 @@ class ScriptArguments:
         default="continue",
         metadata={"help": "How sama_rc_clean uses the clean set at the base level.", "choices": CLEAN_MODES},
     )
+    carve_train_from_valid: float | None = field(
+        default=None,
+        metadata={
+            "help": "If the folder has no train split (the COSINE copies of AGNews/IMDB/Yelp), use this seeded "
+            "fraction of valid as the weakly labelled train split and the rest as the clean split."
+        },
+    )
     clean_upsample: int = field(default=1, metadata={"help": "Repeat clean rows this often when merged (mix)."})
     meta_weight_scale: float = field(default=1.0, metadata={"help": "MetaWeightNet output range (0, scale)."})
     meta_init_bias: float = field(default=0.0, metadata={"help": "MetaWeightNet initial output bias."})
     meta_use_uncertainty: bool = field(default=False, metadata={"help": "MetaWeightNet also sees the entropy."})
+    meta_weight_center: bool = field(
+        default=True,
+        metadata={"help": "With meta_weight_normalize: centre the weight logits per batch (CenteredMetaWeightNet)."},
+    )
     save_model: bool = field(default=True, metadata={"help": "Save the final model (and meta network)."})
     fallback_synthetic: bool = field(
         default=False,
@@ -296,6 +307,20 @@ def _tokenize(ds: Dataset, tokenizer: Any, max_length: int, labels: list) -> Dat
     return Dataset.from_dict({**{k: list(v) for k, v in enc.items()}, "labels": labels})
 
 
+def ensure_train_split(data: WeakSupervisionData, dataset: str, script_args: ScriptArguments, seed: int) -> None:
+    """Carve a weakly labelled train split out of valid when the folder has none (``--carve_train_from_valid``)."""
+    if "train" in data:
+        return
+    if not script_args.carve_train_from_valid or "valid" not in data:
+        raise ValueError(
+            f"dataset {dataset!r} has no train split; pass --carve_train_from_valid 0.8 to train on the weak labels "
+            "of 80% of valid and keep the rest as the clean set"
+        )
+    valid = data["valid"].shuffle(seed=seed)
+    n = int(round(script_args.carve_train_from_valid * len(valid)))
+    data.splits["train"], data.splits["valid"] = valid.select(range(n)), valid.select(range(n, len(valid)))
+
+
 def prepare_data(
     data: WeakSupervisionData, dataset: str, tokenizer: Any, script_args: ScriptArguments, seed: int
 ) -> PreparedData:
@@ -410,11 +435,40 @@ def load_model(model_name: str, tokenizer: Any, label_names: list[str], seed: in
     )
 
 
+class CenteredMetaWeightNet(MetaWeightNet):
+    """``MetaWeightNet`` whose logits are centred per batch before the sigmoid, for ``normalize=True``.
+
+    With batch-normalised weights the output bias is a direction the meta loss does not depend on, yet Adam turns
+    its tiny noisy gradients into full-size steps: the bias drifts until the sigmoid saturates, every weight is 1 and
+    the gradients vanish for good (measured on youtube with meta_learning_rate 0.1). Centring removes the bias from
+    the function (it is frozen) and keeps the weights away from saturation.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.net[2].bias.requires_grad_(False)  # cancelled by the centring: keep Adam from drifting it on round-off
+
+    def forward(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.net[0].weight.dtype
+        features = [losses.to(dtype).reshape(-1, 1)]
+        if self.use_uncertainty:
+            if logits is None:
+                raise ValueError("use_uncertainty=True needs the base model's logits")
+            logp = torch.log_softmax(logits.to(dtype), dim=-1)
+            features.append(-(logp.exp() * logp).sum(-1, keepdim=True))
+        z = self.net(torch.cat(features, dim=-1)).squeeze(-1)
+        weights = self.weight_scale * torch.sigmoid(z - z.mean())
+        if self.normalize:
+            weights = weights / weights.mean().clamp_min(1e-8)
+        return weights
+
+
 def build_meta_model(args: SAMAConfig, script_args: ScriptArguments, num_labels: int) -> nn.Module:
     """The default meta networks of ``SAMATrainer`` plus the recipe's MetaWeightNet options."""
 
     def reweight() -> nn.Module:
-        return MetaWeightNet(
+        cls = CenteredMetaWeightNet if args.meta_weight_normalize and script_args.meta_weight_center else MetaWeightNet
+        return cls(
             hidden_size=args.meta_hidden_size,
             use_uncertainty=script_args.meta_use_uncertainty,
             normalize=args.meta_weight_normalize,
@@ -759,6 +813,7 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
         torch.set_num_threads(script_args.num_threads)
     seed = training_args.seed
     data, dataset = load_data(script_args, seed)
+    ensure_train_split(data, dataset, script_args, seed)
     model_name = script_args.model_name_or_path or default_model_name()
     if script_args.model_name_or_path is None:
         if dataset == "synthetic":

@@ -83,7 +83,9 @@ def test_baselines_end_to_end(recipe, wrench_dir, tmp_path):
 
 
 def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
-    (result,) = _run(recipe, wrench_dir, tmp_path, "--method", "sama_rc", "--unroll_steps", "2")
+    (result,) = _run(
+        recipe, wrench_dir, tmp_path, "--method", "sama_rc", "--unroll_steps", "2", "--meta_weight_normalize", "true"
+    )
     results = _check_results(tmp_path, "sama_rc")
     assert result == results
     assert results["train_steps"] == 4 and results["meta_steps"] == 2
@@ -97,12 +99,14 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     assert weights["id"] == train["id"] and weights["weak_label"] == train["weak_label"]
     assert weights["label"] == train["label"]
     w = np.asarray(weights["weight"])
-    assert np.isfinite(w).all() and (w >= 0).all()
+    assert np.isfinite(w).all() and (w >= 0).all() and abs(w.mean() - 1.0) < 1e-4  # batch-normalised weights
     assert set(weights["corrected_label"]) <= {0, 1} and len(weights["corrected_probs"][0]) == 2
     assert (tmp_path / "weights_hist.png").stat().st_size > 0
     card = (tmp_path / "README.md").read_text()
     assert "Trained with SAMA" in card and "WRENCH results" in card
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "sama_meta_model").is_dir()
+    reweight = recipe.CenteredMetaWeightNet.from_pretrained(tmp_path / "sama_meta_model" / "reweight")
+    assert reweight.normalize and not reweight.net[2].bias.requires_grad
 
 
 def test_config_file_gives_defaults_cli_overrides(recipe, tmp_path):
