@@ -148,6 +148,10 @@ class ScriptArguments:
     meta_weight_scale: float = field(default=1.0, metadata={"help": "MetaWeightNet output range (0, scale)."})
     meta_init_bias: float = field(default=0.0, metadata={"help": "MetaWeightNet initial output bias."})
     meta_use_uncertainty: bool = field(default=False, metadata={"help": "MetaWeightNet also sees the entropy."})
+    correction_meta_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Meta learning rate of the label-correction net (default: meta_learning_rate)."},
+    )
     meta_weight_center: bool = field(
         default=True,
         metadata={"help": "With meta_weight_normalize: centre the weight logits per batch (CenteredMetaWeightNet)."},
@@ -561,6 +565,21 @@ def _trainer_kwargs(prep: PreparedData, tokenizer: Any, args: SAMAConfig) -> dic
     return kwargs
 
 
+def _meta_optimizer(
+    meta_model: nn.Module, args: SAMAConfig, correction_lr: float | None
+) -> torch.optim.Optimizer | None:
+    """Meta Adam with the label-correction net in its own parameter group when it has its own learning rate."""
+    if correction_lr is None or not isinstance(meta_model, nn.ModuleDict) or "correct" not in meta_model:
+        return None
+    correct = {id(p) for p in meta_model["correct"].parameters()}
+    params = [p for p in meta_model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in correct]},
+        {"params": [p for p in params if id(p) in correct], "lr": correction_lr},
+    ]
+    return torch.optim.Adam(groups, lr=args.meta_learning_rate, weight_decay=args.meta_weight_decay)
+
+
 def _train(trainer: Trainer) -> tuple[int, float]:
     start = time.perf_counter()
     trainer.train()
@@ -619,8 +638,15 @@ def run_method(
         if mode == "warm_start":
             clean_phase(model)
         meta_model = build_meta_model(args, script_args, prep.num_labels)
+        meta_optimizer = _meta_optimizer(meta_model, args, script_args.correction_meta_learning_rate)
         trainer = sama_trainer = SAMATrainer(
-            model, args, train_ds, meta_dataset=prep.clean_tok, meta_model=meta_model, **kwargs
+            model,
+            args,
+            train_ds,
+            meta_dataset=prep.clean_tok,
+            meta_model=meta_model,
+            meta_optimizer=meta_optimizer,
+            **kwargs,
         )
         s, t = _train(trainer)
         steps, seconds = steps + s, seconds + t
@@ -655,6 +681,13 @@ def run_method(
         results.update(
             meta_objective=args.meta_objective,
             meta_gradient=args.meta_gradient,
+            meta_learning_rate=args.meta_learning_rate,
+            correction_meta_learning_rate=script_args.correction_meta_learning_rate,
+            unroll_steps=args.unroll_steps,
+            sama_alpha=args.sama_alpha,
+            sama_base_update=args.sama_base_update,
+            meta_weight_normalize=args.meta_weight_normalize,
+            meta_warmup_steps=args.meta_warmup_steps,
             meta_steps=sama_trainer.meta_step_count,
             meta_steps_skipped=sama_trainer.meta_steps_skipped,
             sama_clean_mode=script_args.sama_clean_mode if method == "sama_rc_clean" else None,

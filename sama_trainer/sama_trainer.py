@@ -62,6 +62,9 @@ class SAMATrainer(Trainer):
         meta_model: the meta network; default: built from ``args.meta_objective`` (``MetaWeightNet``,
             ``LabelCorrectionNet`` or an ``nn.ModuleDict`` with keys ``"reweight"`` and ``"correct"``).
         meta_data_collator: collator for meta batches (default: the trainer's ``data_collator``).
+        meta_optimizer: an optimizer over ``meta_model``'s parameters (e.g. one parameter group per part of the
+            meta net, each with its own learning rate); needs ``meta_model``. Default: ``Adam`` with
+            ``args.meta_learning_rate`` and ``args.meta_weight_decay``.
         peft_config: a ``peft`` config; the model is wrapped with ``get_peft_model`` and only adapter parameters
             form θ.
         **kwargs: every other ``Trainer`` argument (``data_collator``, ``eval_dataset``, ``processing_class``,
@@ -99,6 +102,7 @@ class SAMATrainer(Trainer):
         meta_model: nn.Module | None = None,
         *,
         meta_data_collator: Any = None,
+        meta_optimizer: torch.optim.Optimizer | None = None,
         peft_config: Any = None,
         **kwargs: Any,
     ):
@@ -110,6 +114,8 @@ class SAMATrainer(Trainer):
                 "TrainingArguments field plus the SAMA ones."
             )
         self._check_meta_dataset(meta_dataset, args)
+        if meta_optimizer is not None and meta_model is None:
+            raise ValueError("meta_optimizer=... needs meta_model=...: build the optimizer over its parameters")
         if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(
                 "SAMA needs non-reentrant gradient checkpointing: set gradient_checkpointing_kwargs="
@@ -134,11 +140,15 @@ class SAMATrainer(Trainer):
         num_labels = getattr(getattr(self.model, "config", None), "num_labels", None)
         self.meta_model = (meta_model or self._default_meta_model(args, num_labels)).to(args.device)
         self._check_meta_model(self.meta_model, args.meta_objective)
-        self.meta_optimizer = torch.optim.Adam(
-            [p for p in self.meta_model.parameters() if p.requires_grad],
-            lr=args.meta_learning_rate,
-            weight_decay=args.meta_weight_decay,
-        )
+        if meta_optimizer is None:
+            meta_optimizer = torch.optim.Adam(
+                [p for p in self.meta_model.parameters() if p.requires_grad],
+                lr=args.meta_learning_rate,
+                weight_decay=args.meta_weight_decay,
+            )
+        else:
+            self._check_meta_optimizer(meta_optimizer, self.meta_model)
+        self.meta_optimizer = meta_optimizer
         self.meta_dataset = meta_dataset
         self.meta_data_collator = meta_data_collator
         self._meta_stream: MetaBatchStream | None = None
@@ -156,6 +166,18 @@ class SAMATrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------------------
     # validation and construction
+
+    @staticmethod
+    def _check_meta_optimizer(optimizer: Any, meta_model: nn.Module) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"meta_optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        owned = {id(p) for p in meta_model.parameters()}
+        foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
+        if foreign:
+            raise ValueError(
+                f"meta_optimizer holds {len(foreign)} tensor(s) that are not parameters of the meta model; build it "
+                "over meta_model.parameters() (e.g. one parameter group per meta-net part, each with its own lr)."
+            )
 
     @staticmethod
     def _check_meta_dataset(meta_dataset: Any, args: SAMAConfig) -> None:

@@ -175,3 +175,42 @@ def test_reentrant_checkpointing_rejected(tmp_path):
     args = make_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="non-reentrant"):
         SAMATrainer(tiny_bert(), args, train, meta)
+
+
+def test_custom_meta_optimizer_with_parameter_groups(tmp_path):
+    """A user-built meta optimizer is the one stepped: plain SGD moves λ by exactly -lr × the meta-gradient."""
+    train, meta = datasets()
+    torch.manual_seed(0)
+    meta_model = torch.nn.ModuleDict({"reweight": MetaWeightNet(), "correct": LabelCorrectionNet(3)})
+    groups = [
+        {"params": list(meta_model["reweight"].parameters()), "lr": 0.5},
+        {"params": list(meta_model["correct"].parameters()), "lr": 0.05},
+    ]
+    args = make_args(tmp_path, meta_objective="reweight+correct", max_steps=2, unroll_steps=2)
+    trainer = SAMATrainer(
+        tiny_bert(), args, train, meta, meta_model=meta_model, meta_optimizer=torch.optim.SGD(groups, lr=1.0)
+    )
+    before = [p.detach().clone() for p in meta_model.parameters()]
+    trainer.train()
+    assert trainer.meta_step_count == 1
+    n_reweight = len(list(meta_model["reweight"].parameters()))
+    for i, (b, p, g) in enumerate(zip(before, meta_model.parameters(), trainer.last_meta_gradients)):
+        lr = 0.5 if i < n_reweight else 0.05
+        torch.testing.assert_close(p.detach(), b - lr * g, rtol=1e-6, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in trainer.last_meta_gradients[n_reweight:])
+
+
+def test_meta_optimizer_errors(tmp_path):
+    train, meta = datasets()
+    stray = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs meta_model"):
+        SAMATrainer(tiny_bert(), make_args(tmp_path), train, meta, meta_optimizer=torch.optim.SGD(stray.parameters()))
+    with pytest.raises(ValueError, match="not parameters of the meta model"):
+        SAMATrainer(
+            tiny_bert(),
+            make_args(tmp_path),
+            train,
+            meta,
+            meta_model=MetaWeightNet(),
+            meta_optimizer=torch.optim.SGD(stray.parameters(), lr=0.1),
+        )
