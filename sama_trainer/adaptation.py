@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "UnsupportedOptimizerError",
     "adaptation_diagonal",
+    "adaptation_diagonal_into_",
     "apply_adaptation_",
     "check_adaptation_supported",
     "register_adaptation",
@@ -167,6 +168,26 @@ def apply_adaptation_(
         v = vectors[i] if part is None else vectors[i].view(-1)[part]
         v.mul_(diag.to(v.dtype) if isinstance(diag, torch.Tensor) else diag)
     return list(vectors)
+
+
+@torch.no_grad()
+def adaptation_diagonal_into_(
+    optimizer: Any,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None] | None,
+    out: Sequence[torch.Tensor],
+    *,
+    bias_correction: bool = True,
+) -> list[torch.Tensor]:
+    """Write the diagonal of du/dg into ``out`` chunk by chunk (``out`` may be ``grads`` itself: each chunk of the
+    gradient is read before it is overwritten). Returns ``out``."""
+    for i, part, diag in _iter_diagonals(optimizer, params, grads, bias_correction, chunk=CHUNK_ELEMENTS):
+        o = out[i] if part is None else out[i].view(-1)[part]
+        if isinstance(diag, torch.Tensor):
+            o.copy_(diag)
+        else:
+            o.fill_(float(diag))
+    return list(out)
 
 
 def _lr(group: dict) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .adaptation import apply_adaptation_, check_adaptation_supported
+from .adaptation import adaptation_diagonal_into_, apply_adaptation_, check_adaptation_supported
 
 
 __all__ = [
@@ -118,7 +118,7 @@ def meta_gradient(
         last_grads: the gradients that optimizer step used (Adam's du/dg needs them).
         alpha: the method's step size (SAMA: ‖εu‖₂); ``None`` takes the method's default.
         **options: method-specific options (for SAMA: ``bias_correction``, ``restore``, ``workspace``,
-            ``base_step_hook``, ``share_rng``).
+            ``base_step_hook``, ``share_rng``, ``loss_scale``, ``consume_grads``; see :func:`sama`).
     """
     fn = get_method(method)
     kwargs = dict(optimizer=optimizer, last_grads=last_grads, **options)
@@ -165,6 +165,64 @@ def meta_loss_gradients(
     return loss.detach(), grads[:n], grads[n:]
 
 
+def adapted_meta_loss_gradients(
+    meta_loss: LossClosure,
+    base_params: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    *,
+    optimizer: Any = None,
+    last_grads: Sequence[torch.Tensor] | None = None,
+    bias_correction: bool = True,
+    loss_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One backward of L_meta that forms u = (du/dg) ⊙ v in ``buffers`` without ever holding a θ-sized v.
+
+    du/dg (identity when ``optimizer`` is None) is first written into ``buffers`` (which may be ``last_grads``: the
+    gradients of a finished optimizer step are consumed here); a hook on each base parameter then multiplies its
+    slice of v into its buffer as soon as the backward produces it, and v's slice is freed at once.
+    Returns (L_meta detached, ‖v‖₂, u = ``buffers``, direct = ∂L_meta/∂λ).
+    """
+    base_params, buffers = list(base_params), list(buffers)
+    with torch.no_grad():
+        if optimizer is not None:
+            adaptation_diagonal_into_(optimizer, base_params, last_grads, buffers, bias_correction=bias_correction)
+        else:
+            for b in buffers:
+                b.fill_(1.0)
+    squares: list[torch.Tensor] = []
+    reached = [False] * len(base_params)
+
+    def hook_for(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                if loss_scale != 1.0:
+                    grad = grad / loss_scale
+                squares.append(grad.to(torch.promote_types(grad.dtype, torch.float32)).square().sum())
+                buffers[i].mul_(grad)
+            reached[i] = True
+            return buffers[i]
+
+        return hook
+
+    handles = [p.register_hook(hook_for(i)) for i, p in enumerate(base_params)]
+    try:
+        loss = meta_loss()
+        grads = grads_or_zeros(loss * loss_scale if loss_scale != 1.0 else loss, base_params + list(meta_params))
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        for i, hit in enumerate(reached):
+            if not hit:  # L_meta does not depend on this parameter: v = 0 there
+                buffers[i].zero_()
+        direct = grads[len(base_params) :]
+        if loss_scale != 1.0 and direct:
+            torch._foreach_div_(direct, loss_scale)
+        v_norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    return loss.detach(), v_norm, buffers, direct
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """‖concat(tensors)‖₂ in float32 (a 0-dim tensor)."""
     if not tensors:
@@ -195,15 +253,22 @@ def central_difference(
     workspace: Sequence[torch.Tensor] | None = None,
     base_step_hook: Callable[[list[torch.Tensor]], None] | None = None,
     share_rng: bool = True,
+    save_theta: bool = True,
 ) -> tuple[list[torch.Tensor], bool]:
     """[∇_λ L_base(θ + εd) - ∇_λ L_base(θ - εd)] / (2ε) ≈ (∂²L_base/∂λ∂θ)·d, by two first-order passes.
 
     θ is saved (into ``workspace`` if given, e.g. gradient buffers that are no longer needed; else into a copy) and
     restored bit-for-bit. With ``restore=False`` θ is left at θ - εd instead (the paper's extra base update);
     ``base_step_hook`` may modify the step tensors εd in place first (e.g. average them across ranks).
+    ``save_theta=False`` (only with ``restore=False`` and no hook) keeps no copy of θ: it moves θ to θ + εd, then to
+    (θ + εd) - 2εd, which equals θ - εd up to rounding (use it for float32/64 parameters only).
     Returns (the difference quotient, whether it is finite). Non-finite results always restore θ.
     """
     params = list(base_params)
+    if not save_theta:
+        if restore or base_step_hook is not None:
+            raise ValueError("save_theta=False needs restore=False and no base_step_hook")
+        return _central_difference_unsaved(params, meta_params, base_loss, list(direction), eps, share_rng)
     with torch.no_grad():
         if workspace is None:
             saved = [p.detach().clone() for p in params]
@@ -237,9 +302,63 @@ def central_difference(
     return diff, finite
 
 
+def _central_difference_unsaved(
+    params: list[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    base_loss: LossClosure,
+    direction: list[torch.Tensor],
+    eps: float,
+    share_rng: bool,
+) -> tuple[list[torch.Tensor], bool]:
+    """central_difference without a copy of θ, ending at θ - εd (θ, up to rounding, if not finite or on error)."""
+    devices = _rng_devices(params) if share_rng else None
+    position = 0.0  # θ currently sits at θ + position·d
+    try:
+        with torch.no_grad():
+            torch._foreach_add_(params, direction, alpha=eps)
+        position = eps
+        grad_plus = _meta_grads_at(base_loss, meta_params, devices)
+        with torch.no_grad():
+            torch._foreach_add_(params, direction, alpha=-2.0 * eps)
+        position = -eps
+        grad_minus = _meta_grads_at(base_loss, meta_params, devices)
+        with torch.no_grad():
+            diff = torch._foreach_sub(grad_plus, grad_minus)
+            torch._foreach_div_(diff, 2.0 * eps)
+            finite = bool(torch.isfinite(global_norm(diff)).item()) if diff else True
+    except BaseException:
+        with torch.no_grad():
+            torch._foreach_add_(params, direction, alpha=-position)
+        raise
+    if not finite:
+        with torch.no_grad():
+            torch._foreach_add_(params, direction, alpha=-position)
+    return diff, finite
+
+
 def _skipped(meta_params: Sequence[torch.Tensor], stats: dict[str, float], reason: str) -> MetaGradients:
     stats["skip_reason_" + reason] = 1.0
     return MetaGradients([torch.zeros_like(p) for p in meta_params], stats, skipped=True)
+
+
+def _can_consume(
+    base_params: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    last_grads: Sequence[torch.Tensor | None] | None,
+) -> bool:
+    """Whether ``last_grads`` can hold u: one contiguous gradient per base parameter, shaped and typed like it."""
+    if last_grads is None or len(last_grads) != len(base_params):
+        return False
+    if {id(p) for p in base_params} & {id(p) for p in meta_params}:
+        return False
+    return all(
+        g is not None and g.shape == p.shape and g.dtype == p.dtype and g.is_contiguous() and p.is_contiguous()
+        for g, p in zip(last_grads, base_params)
+    )
+
+
+def _all_wide_floats(params: Sequence[torch.Tensor]) -> bool:
+    return all(p.dtype in (torch.float32, torch.float64) for p in params)
 
 
 def _finite_difference_method(
@@ -258,18 +377,35 @@ def _finite_difference_method(
     base_step_hook: Callable[[list[torch.Tensor]], None] | None = None,
     share_rng: bool = True,
     loss_scale: float = 1.0,
+    consume_grads: bool = False,
 ) -> MetaGradients:
-    loss, v, direct = meta_loss_gradients(meta_loss, base_params, meta_params, loss_scale)
-    stats = {"meta_loss": float(loss.float().item()), "v_norm": float(global_norm(v).item())}
+    lean = consume_grads and _can_consume(base_params, meta_params, last_grads)
+    if lean:
+        loss, v_norm, u, direct = adapted_meta_loss_gradients(
+            meta_loss,
+            base_params,
+            meta_params,
+            last_grads,
+            optimizer=optimizer if adapt else None,
+            last_grads=last_grads,
+            bias_correction=bias_correction,
+            loss_scale=loss_scale,
+        )
+        stats = {"meta_loss": float(loss.float().item()), "v_norm": float(v_norm.item())}
+        workspace = None
+    else:
+        loss, v, direct = meta_loss_gradients(meta_loss, base_params, meta_params, loss_scale)
+        stats = {"meta_loss": float(loss.float().item()), "v_norm": float(global_norm(v).item())}
     if not (math.isfinite(stats["meta_loss"]) and math.isfinite(stats["v_norm"])):
         return _skipped(meta_params, stats, "nonfinite_v")
-    if adapt and optimizer is not None:
-        # u overwrites v in place, except where autograd returned one tensor for a parameter in both θ and λ
-        direct_ids = {id(d) for d in direct}
-        v = [t.clone() if id(t) in direct_ids else t for t in v]
-        u = apply_adaptation_(optimizer, base_params, last_grads, v, bias_correction=bias_correction)
-    else:
-        u = v
+    if not lean:
+        if adapt and optimizer is not None:
+            # u overwrites v in place, except where autograd returned one tensor for a parameter in both θ and λ
+            direct_ids = {id(d) for d in direct}
+            v = [t.clone() if id(t) in direct_ids else t for t in v]
+            u = apply_adaptation_(optimizer, base_params, last_grads, v, bias_correction=bias_correction)
+        else:
+            u = v
     u_norm = float(global_norm(u).item())
     stats["u_norm"] = u_norm
     if not math.isfinite(u_norm):
@@ -289,6 +425,7 @@ def _finite_difference_method(
         workspace=workspace,
         base_step_hook=base_step_hook,
         share_rng=share_rng,
+        save_theta=not (lean and not restore and base_step_hook is None and _all_wide_floats(base_params)),
     )
     if not finite:
         return _skipped(meta_params, stats, "nonfinite_fd")
@@ -317,7 +454,10 @@ def sama(
 
     ``optimizer=None`` uses identity adaptation (plain SGD semantics without the learning rate).
     Options: ``bias_correction`` (True), ``restore`` (True; False leaves θ at θ - εu), ``workspace``,
-    ``base_step_hook``, ``share_rng`` (True), ``loss_scale`` (1.0; scales L_meta's backward, e.g. for fp16).
+    ``base_step_hook``, ``share_rng`` (True), ``loss_scale`` (1.0; scales L_meta's backward, e.g. for fp16),
+    ``consume_grads`` (False; True lets the method overwrite ``last_grads``: u is formed in them as the backward
+    produces v, so no θ-sized v is allocated, and with ``restore=False``, no ``base_step_hook`` and float32/64
+    parameters no copy of θ is kept either — θ ends at θ - εu up to rounding).
     """
     if optimizer is not None:
         check_adaptation_supported(optimizer)
@@ -354,7 +494,7 @@ def sama_na(
         base_loss,
         meta_loss,
         optimizer=None,
-        last_grads=None,
+        last_grads=last_grads,  # only used as buffers with consume_grads=True
         alpha=alpha,
         adapt=False,
         **options,

@@ -12,9 +12,9 @@ Registered names (v = ∂L_meta/∂θ, g = ∇_θ L_base(θ, λ), H = ∂g/∂θ
 ``base_params`` bit-identical and returns zeros with ``skipped=True`` when it meets a non-finite quantity.
 
 The options the trainer passes to every method (``restore``, ``workspace``, ``base_step_hook``, ``share_rng``,
-``bias_correction``, ``loss_scale``) are accepted by all of them; the second-order methods never move θ, so they
-ignore ``restore``/``workspace``/``base_step_hook``/``share_rng`` and only scale L_meta's backward by
-``loss_scale`` (fp16). Any other unknown option raises ``TypeError``.
+``bias_correction``, ``loss_scale``, ``consume_grads``) are accepted by all of them; the second-order methods never
+move θ, so they ignore ``restore``/``workspace``/``base_step_hook``/``share_rng``/``consume_grads`` and only scale
+L_meta's backward by ``loss_scale`` (fp16). Any other unknown option raises ``TypeError``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ __all__ = ["cg", "neumann", "t1t2", "unrolled"]
 Vectors = list[torch.Tensor]
 
 # options the trainer passes to every method; all but loss_scale are meaningless for methods that never perturb θ
-_TRAINER_OPTIONS = frozenset({"restore", "workspace", "base_step_hook", "share_rng", "bias_correction", "loss_scale"})
+_TRAINER_OPTIONS = frozenset(
+    {"restore", "workspace", "base_step_hook", "share_rng", "bias_correction", "loss_scale", "consume_grads"}
+)
 
 # autograd's messages for kernels that cannot be differentiated twice
 _NO_DOUBLE_BACKWARD = ("derivative for", "once_differentiable")
@@ -235,7 +237,7 @@ def t1t2(
         base_loss,
         meta_loss,
         optimizer=None,
-        last_grads=None,
+        last_grads=last_grads,  # only used as buffers with consume_grads=True
         alpha=alpha,
         adapt=False,
         **options,

@@ -399,13 +399,23 @@ class SAMATrainer(Trainer):
         def meta_loss() -> torch.Tensor:
             return self.compute_meta_loss(model, meta_inputs)
 
-        # The gradients are consumed by the adaptation before θ is saved, so their buffers can hold the saved θ.
+        # The step's gradients are consumed: the method may form u in their buffers (no θ-sized v), or, where it
+        # cannot, keep the saved θ there.
         usable = all(
             g is not None and g.dtype == p.dtype and g.shape == p.shape for g, p in zip(last_grads, base_params)
         )
         was_training = model.training
         model.train()
         try:
+            options = dict(
+                restore=not args.sama_base_update,
+                workspace=last_grads if usable else None,
+                consume_grads=True,
+                base_step_hook=self._all_reduce_mean_ if args.world_size > 1 else None,
+                bias_correction=args.sama_bias_correction,
+                **self._loss_scale_option(),
+            )
+            options.update(args.meta_gradient_kwargs or {})  # the user's options win (e.g. consume_grads=False)
             grads = meta_gradient(
                 args.meta_gradient,
                 base_params,
@@ -415,12 +425,7 @@ class SAMATrainer(Trainer):
                 optimizer=self.optimizer if args.meta_gradient in ADAPTIVE_METHODS else None,
                 last_grads=last_grads,
                 alpha=args.sama_alpha,
-                restore=not args.sama_base_update,
-                workspace=last_grads if usable else None,
-                base_step_hook=self._all_reduce_mean_ if args.world_size > 1 else None,
-                bias_correction=args.sama_bias_correction,
-                **self._loss_scale_option(),
-                **(args.meta_gradient_kwargs or {}),
+                **options,
             )
         finally:
             model.train(was_training)

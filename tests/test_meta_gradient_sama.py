@@ -255,3 +255,97 @@ def test_non_finite_values_skip_and_leave_theta_untouched(where):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown meta-gradient method 'nope'.*sama"):
         meta_gradient("nope", [], [], lambda: None, lambda: None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# consume_grads: u formed in the consumed gradient buffers (no θ-sized v), θ not copied with the base update
+
+
+def stepped_problem(opt_name, seed=0):
+    """An MLP whose first matrix is used twice (tied), a parameter only the base loss sees, a meta net, and an
+    optimizer that has just taken a step on the base loss (so p.grad holds the gradients it used)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(6, 6, generator=g) * 0.5)
+    V = torch.nn.Parameter(torch.randn(6, 3, generator=g) * 0.5)
+    base_only = torch.nn.Parameter(torch.randn(3, generator=g))
+    x, labels = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    xm, ym = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    net = MetaWeightNet(hidden_size=16).double()
+    params = [W, V, base_only]
+
+    def logits_of(inp, shift=True):
+        out = torch.tanh(torch.tanh(inp @ W) @ W) @ V
+        return out + base_only if shift else out
+
+    def base_loss():
+        losses = F.cross_entropy(logits_of(x), labels, reduction="none")
+        return (net(losses.detach()) * losses).mean()
+
+    def meta_loss():
+        return F.cross_entropy(logits_of(xm, shift=False), ym)
+
+    opt = {
+        "adam_l2": lambda: torch.optim.Adam(params, lr=1e-2, weight_decay=0.1),
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+        "sgd_nesterov": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    }[opt_name]()
+    for _ in range(3):
+        opt.zero_grad()
+        base_loss().backward()
+        opt.step()
+    return params, list(net.parameters()), base_loss, meta_loss, opt
+
+
+@pytest.mark.parametrize("method", ["sama", "sama-na"])
+@pytest.mark.parametrize("opt_name", ["adam_l2", "adamw", "sgd_nesterov"])
+@pytest.mark.parametrize("restore", [True, False])
+def test_consume_grads_matches_the_allocating_path(method, opt_name, restore):
+    results = []
+    for consume in (False, True):
+        params, lam, base_loss, meta_loss, opt = stepped_problem(opt_name)
+        start = [p.detach().clone() for p in params]
+        grads = [p.grad for p in params]
+        last = grads if consume else [t.clone() for t in grads]
+        out = meta_gradient(
+            method, params, lam, base_loss, meta_loss, optimizer=opt, last_grads=last, alpha=0.3,
+            restore=restore, consume_grads=consume,
+        )  # fmt: skip
+        results.append((out, start, [p.detach().clone() for p in params], grads))
+    (ref, start, ref_after, _), (got, start2, got_after, buffers) = results
+    assert all(torch.equal(a, b) for a, b in zip(start, start2))
+    if restore:  # same arithmetic in the same order: bit-identical
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    else:  # the θ - εu pass starts from (θ + εu) - 2εu: equal up to rounding
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+    assert got.stats["u_norm"] == ref.stats["u_norm"] > 0
+    assert got.stats["v_norm"] == pytest.approx(ref.stats["v_norm"], rel=1e-6)  # a float32 statistic
+    if restore:
+        assert all(torch.equal(a, b) for a, b in zip(start, got_after))
+    else:  # θ - εu reached as (θ + εu) - 2εu: equal up to rounding, and really moved
+        for a, b in zip(ref_after, got_after):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-14)
+        assert not torch.equal(got_after[0], start[0])
+        assert torch.equal(got_after[2], start[2])  # L_meta does not see base_only: u = 0 there
+    assert torch.count_nonzero(buffers[2]) == 0  # the buffers now hold u
+
+
+def test_consume_grads_without_a_theta_copy_restores_theta_on_error():
+    params, lam, base_loss, meta_loss, opt = stepped_problem("adamw")
+    start = [p.detach().clone() for p in params]
+    calls = []
+
+    def failing_base_loss():
+        calls.append(1)
+        if len(calls) == 2:  # inside the second (θ - εu) pass
+            raise RuntimeError("boom")
+        return base_loss()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        meta_gradient(
+            "sama", params, lam, failing_base_loss, meta_loss, optimizer=opt, last_grads=[p.grad for p in params],
+            restore=False, consume_grads=True,
+        )  # fmt: skip
+    for a, b in zip(start, params):
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=1e-14)

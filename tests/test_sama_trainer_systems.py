@@ -169,3 +169,19 @@ def test_lora_meta_gradient_equals_manual_computation_on_adapter_params(tmp_path
     manual = [-(gp - gm) / (2 * eps) for gp, gm in zip(weighted_loss_grad(+1), weighted_loss_grad(-1))]
     for a, b in zip(got, manual):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("base_update", [True, False])
+def test_lean_meta_step_matches_the_allocating_one(tmp_path, base_update):
+    """The trainer forms u in the consumed gradient buffers (and, with the base update, keeps no θ copy); turning
+    that off with meta_gradient_kwargs must not change the training run beyond float32 rounding."""
+    kw = dict(sama_base_update=base_update, meta_objective="reweight")
+    lean = trained(tmp_path, **kw)
+    allocating = trained(tmp_path, meta_gradient_kwargs={"consume_grads": False}, **kw)
+    assert lean.meta_step_count == allocating.meta_step_count == 4
+    if base_update:
+        assert_close_params(lean.model, allocating.model, rtol=1e-5, atol=1e-6)
+        assert_close_params(lean.meta_model, allocating.meta_model, rtol=1e-5, atol=1e-6)
+    else:  # same arithmetic: bit-identical
+        assert all(torch.equal(a, b) for a, b in zip(lean.model.parameters(), allocating.model.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(lean.meta_model.parameters(), allocating.meta_model.parameters()))
