@@ -137,6 +137,15 @@ class ScriptArguments:
         default="continue",
         metadata={"help": "How sama_rc_clean uses the clean set at the base level.", "choices": CLEAN_MODES},
     )
+    tune_on_valid_fold: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tune on the clean split only: halve valid per class (seeded by tune_split_seed); fold 0 or 1 "
+            "picks the half used as the clean/meta set, the other half is scored in place of test (the test split "
+            "is never read)."
+        },
+    )
+    tune_split_seed: int = field(default=123, metadata={"help": "Seed of the valid halving of tune_on_valid_fold."})
     carve_train_from_valid: float | None = field(
         default=None,
         metadata={
@@ -323,6 +332,23 @@ def ensure_train_split(data: WeakSupervisionData, dataset: str, script_args: Scr
     valid = data["valid"].shuffle(seed=seed)
     n = int(round(script_args.carve_train_from_valid * len(valid)))
     data.splits["train"], data.splits["valid"] = valid.select(range(n)), valid.select(range(n, len(valid)))
+
+
+def hold_out_valid_half(data: WeakSupervisionData, fold: int, split_seed: int) -> None:
+    """Replace ``valid`` by one stratified half of it and ``test`` by the other (``--tune_on_valid_fold``)."""
+    if fold not in (0, 1):
+        raise ValueError(f"tune_on_valid_fold must be 0 or 1, got {fold}")
+    valid = data["valid"]
+    labels = np.asarray(valid["label"])
+    rng = np.random.default_rng(split_seed)
+    first = np.zeros(len(valid), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        first[idx[: len(idx) // 2]] = True
+    keep, score = np.flatnonzero(first), np.flatnonzero(~first)
+    if fold == 1:
+        keep, score = score, keep
+    data.splits["valid"], data.splits["test"] = valid.select(keep), valid.select(score)
 
 
 def prepare_data(
@@ -671,6 +697,7 @@ def run_method(
         "num_train": len(prep.train),
         "num_clean": len(prep.clean),
         "num_test": len(prep.test),
+        "tune_on_valid_fold": script_args.tune_on_valid_fold,
         "mv_accuracy": float(mv_correct.mean()),
         "model": model_name,
         "soft_labels": script_args.soft_labels,
@@ -847,6 +874,8 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
     seed = training_args.seed
     data, dataset = load_data(script_args, seed)
     ensure_train_split(data, dataset, script_args, seed)
+    if script_args.tune_on_valid_fold is not None:
+        hold_out_valid_half(data, script_args.tune_on_valid_fold, script_args.tune_split_seed)
     model_name = script_args.model_name_or_path or default_model_name()
     if script_args.model_name_or_path is None:
         if dataset == "synthetic":

@@ -169,3 +169,24 @@ def test_table_driver_collects_results(tmp_path):
     args = argparse.Namespace(python="py", configs_dir="c", extra=["--x"])
     cmd = table.command(args, "trec", "10", "cft", 2, tmp_path)
     assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
+
+
+def test_tune_on_valid_fold_scores_the_other_half_of_valid(recipe, wrench_dir, tmp_path):
+    """--tune_on_valid_fold: the two folds swap two stratified halves of valid; test is never used."""
+    valid = load_wrench(wrench_dir)["valid"]
+    valid_texts, valid_labels = list(valid["text"]), list(valid["label"])
+    folds = []
+    for fold in (0, 1):
+        data = load_wrench(wrench_dir)
+        recipe.hold_out_valid_half(data, fold, split_seed=123)
+        folds.append((list(data["valid"]["text"]), list(data["test"]["text"]), list(data["valid"]["label"])))
+    (clean0, score0, labels0), (clean1, score1, _) = folds
+    assert sorted(clean0) == sorted(score1) and sorted(score0) == sorted(clean1)
+    assert sorted(clean0 + score0) == sorted(valid_texts)
+    for c in set(valid_labels):  # stratified: each class is split in half
+        assert abs(2 * labels0.count(c) - valid_labels.count(c)) <= 1
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        recipe.hold_out_valid_half(load_wrench(wrench_dir), 2, split_seed=123)
+    results = _run(recipe, wrench_dir, tmp_path, "--method", "finetune", "--tune_on_valid_fold", "1")
+    assert results[0]["tune_on_valid_fold"] == 1
+    assert results[0]["num_clean"] == len(clean1) and results[0]["num_test"] == len(score1)
