@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all demo lint format wrench-table benchmark clean
+.PHONY: install test test-slow test-all demo lint format wrench-table benchmark benchmark-gpu clean
 
 install: $(STAMP)
 
@@ -36,6 +36,19 @@ test-all: install
 
 demo: install
 	$(PY) recipes/wrench_noisy_finetune.py --config recipes/configs/demo.yaml
+
+# WRENCH table: methods x datasets x 3 seeds x K in {10, all}; resumes where it stopped (hours on a CPU).
+wrench-table: install
+	$(PY) recipes/wrench_table.py --output_root outputs/wrench_table --markdown outputs/wrench_table/table.md
+
+# CPU benchmark of BENCHMARKS.md (every method side by side, 3 repeats).
+benchmark: install
+	$(PY) recipes/benchmark.py --threads 1 --repeats 3 --steps 30 --output outputs/benchmark/cpu.json \
+		--markdown outputs/benchmark/cpu.md
+
+# GPU rows of BENCHMARKS.md (BERT-base from its config, batch 48, fp32 and bf16); needs a CUDA torch build.
+benchmark-gpu: install
+	PYTHON=$(PY) bash recipes/gpu_benchmark.sh outputs/benchmark
 
 lint: install
 	$(PY) -m ruff check sama_trainer recipes tests
