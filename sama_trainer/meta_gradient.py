@@ -264,75 +264,54 @@ def central_difference(
     (θ + εd) - 2εd, which equals θ - εd up to rounding (use it for float32/64 parameters only).
     Returns (the difference quotient, whether it is finite). Non-finite results always restore θ.
     """
-    params = list(base_params)
-    if not save_theta:
-        if restore or base_step_hook is not None:
-            raise ValueError("save_theta=False needs restore=False and no base_step_hook")
-        return _central_difference_unsaved(params, meta_params, base_loss, list(direction), eps, share_rng)
-    with torch.no_grad():
-        if workspace is None:
-            saved = [p.detach().clone() for p in params]
-        else:
-            saved = list(workspace)
-            torch._foreach_copy_(saved, [p.detach() for p in params])
+    params, direction = list(base_params), list(direction)
+    if not save_theta and (restore or base_step_hook is not None):
+        raise ValueError("save_theta=False needs restore=False and no base_step_hook")
+    saved = None
+    if save_theta:
+        with torch.no_grad():
+            if workspace is None:
+                saved = [p.detach().clone() for p in params]
+            else:
+                saved = list(workspace)
+                torch._foreach_copy_(saved, [p.detach() for p in params])
+    position = 0.0  # θ currently sits at θ + position·d
+
+    @torch.no_grad()
+    def move_to(target: float) -> None:
+        nonlocal position
+        if saved is None:  # arithmetic move: exact up to rounding
+            torch._foreach_add_(params, direction, alpha=target - position)
+        else:  # from the saved copy: bit-exact
+            if position != 0.0:
+                torch._foreach_copy_(params, saved)
+            if target != 0.0:
+                torch._foreach_add_(params, direction, alpha=target)
+        position = target
+
     devices = _rng_devices(params) if share_rng else None
     try:
-        with torch.no_grad():
-            torch._foreach_add_(params, list(direction), alpha=eps)
+        move_to(eps)
         grad_plus = _meta_grads_at(base_loss, meta_params, devices)
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
-            torch._foreach_add_(params, list(direction), alpha=-eps)
+        move_to(-eps)
         grad_minus = _meta_grads_at(base_loss, meta_params, devices)
         with torch.no_grad():
             diff = torch._foreach_sub(grad_plus, grad_minus)
             torch._foreach_div_(diff, 2.0 * eps)
             finite = bool(torch.isfinite(global_norm(diff)).item()) if diff else True
     except BaseException:
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
+        move_to(0.0)
         raise
-    with torch.no_grad():
-        torch._foreach_copy_(params, saved)
-        if not restore and finite:
-            step = torch._foreach_mul(list(direction), eps)
+    if restore or not finite:
+        move_to(0.0)
+    elif saved is not None:  # the base update θ - εd, with the step tensors offered to the hook first
+        move_to(0.0)
+        with torch.no_grad():
+            step = torch._foreach_mul(direction, eps)
             if base_step_hook is not None:
                 base_step_hook(step)
             torch._foreach_sub_(params, step)
-    return diff, finite
-
-
-def _central_difference_unsaved(
-    params: list[torch.Tensor],
-    meta_params: Sequence[torch.Tensor],
-    base_loss: LossClosure,
-    direction: list[torch.Tensor],
-    eps: float,
-    share_rng: bool,
-) -> tuple[list[torch.Tensor], bool]:
-    """central_difference without a copy of θ, ending at θ - εd (θ, up to rounding, if not finite or on error)."""
-    devices = _rng_devices(params) if share_rng else None
-    position = 0.0  # θ currently sits at θ + position·d
-    try:
-        with torch.no_grad():
-            torch._foreach_add_(params, direction, alpha=eps)
-        position = eps
-        grad_plus = _meta_grads_at(base_loss, meta_params, devices)
-        with torch.no_grad():
-            torch._foreach_add_(params, direction, alpha=-2.0 * eps)
-        position = -eps
-        grad_minus = _meta_grads_at(base_loss, meta_params, devices)
-        with torch.no_grad():
-            diff = torch._foreach_sub(grad_plus, grad_minus)
-            torch._foreach_div_(diff, 2.0 * eps)
-            finite = bool(torch.isfinite(global_norm(diff)).item()) if diff else True
-    except BaseException:
-        with torch.no_grad():
-            torch._foreach_add_(params, direction, alpha=-position)
-        raise
-    if not finite:
-        with torch.no_grad():
-            torch._foreach_add_(params, direction, alpha=-position)
+    # else: copy-free, θ already sits at θ - εd
     return diff, finite
 
 
