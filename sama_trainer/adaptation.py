@@ -154,6 +154,12 @@ def adaptation_diagonal(
     return out
 
 
+def _chunked_diagonals(optimizer, params, grads, tensors, bias_correction):
+    """(view of ``tensors[i]`` over one chunk, du/dg of that chunk) for every parameter chunk."""
+    for i, part, diag in _iter_diagonals(optimizer, params, grads, bias_correction, chunk=CHUNK_ELEMENTS):
+        yield (tensors[i] if part is None else tensors[i].view(-1)[part]), diag
+
+
 @torch.no_grad()
 def apply_adaptation_(
     optimizer: Any,
@@ -164,8 +170,7 @@ def apply_adaptation_(
     bias_correction: bool = True,
 ) -> list[torch.Tensor]:
     """Multiply ``vectors`` in place by du/dg, chunk by chunk (no full-size diagonal is kept). Returns them."""
-    for i, part, diag in _iter_diagonals(optimizer, params, grads, bias_correction, chunk=CHUNK_ELEMENTS):
-        v = vectors[i] if part is None else vectors[i].view(-1)[part]
+    for v, diag in _chunked_diagonals(optimizer, params, grads, vectors, bias_correction):
         v.mul_(diag.to(v.dtype) if isinstance(diag, torch.Tensor) else diag)
     return list(vectors)
 
@@ -181,8 +186,7 @@ def adaptation_diagonal_into_(
 ) -> list[torch.Tensor]:
     """Write the diagonal of du/dg into ``out`` chunk by chunk (``out`` may be ``grads`` itself: each chunk of the
     gradient is read before it is overwritten). Returns ``out``."""
-    for i, part, diag in _iter_diagonals(optimizer, params, grads, bias_correction, chunk=CHUNK_ELEMENTS):
-        o = out[i] if part is None else out[i].view(-1)[part]
+    for o, diag in _chunked_diagonals(optimizer, params, grads, out, bias_correction):
         if isinstance(diag, torch.Tensor):
             o.copy_(diag)
         else:

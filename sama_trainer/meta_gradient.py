@@ -190,7 +190,7 @@ def adapted_meta_loss_gradients(
         else:
             for b in buffers:
                 b.fill_(1.0)
-    squares: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
     reached = [False] * len(base_params)
 
     def hook_for(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -198,7 +198,7 @@ def adapted_meta_loss_gradients(
             with torch.no_grad():
                 if loss_scale != 1.0:
                     grad = grad / loss_scale
-                squares.append(grad.to(torch.promote_types(grad.dtype, torch.float32)).square().sum())
+                norms.append(torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
                 buffers[i].mul_(grad)
             reached[i] = True
             return buffers[i]
@@ -219,7 +219,7 @@ def adapted_meta_loss_gradients(
         direct = grads[len(base_params) :]
         if loss_scale != 1.0 and direct:
             torch._foreach_div_(direct, loss_scale)
-        v_norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        v_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     return loss.detach(), v_norm, buffers, direct
 
 
@@ -326,14 +326,18 @@ def _can_consume(
     last_grads: Sequence[torch.Tensor | None] | None,
 ) -> bool:
     """Whether ``last_grads`` can hold u: one contiguous gradient per base parameter, shaped and typed like it."""
-    if last_grads is None or len(last_grads) != len(base_params):
-        return False
     if {id(p) for p in base_params} & {id(p) for p in meta_params}:
         return False
-    return all(
-        g is not None and g.shape == p.shape and g.dtype == p.dtype and g.is_contiguous() and p.is_contiguous()
-        for g, p in zip(last_grads, base_params)
+    return _shaped_like(last_grads, base_params) and all(
+        g.is_contiguous() and p.is_contiguous() for g, p in zip(last_grads, base_params)
     )
+
+
+def _shaped_like(tensors: Sequence[torch.Tensor | None] | None, params: Sequence[torch.Tensor]) -> bool:
+    """One tensor per parameter with its shape and dtype (so it can hold a copy of it)."""
+    if tensors is None or len(tensors) != len(params):
+        return False
+    return all(t is not None and t.shape == p.shape and t.dtype == p.dtype for t, p in zip(tensors, params))
 
 
 def _all_wide_floats(params: Sequence[torch.Tensor]) -> bool:
@@ -359,6 +363,8 @@ def _finite_difference_method(
     consume_grads: bool = False,
 ) -> MetaGradients:
     lean = consume_grads and _can_consume(base_params, meta_params, last_grads)
+    if workspace is not None and not _shaped_like(workspace, base_params):
+        workspace = None  # e.g. gradients that are None for some parameters: save θ into a copy instead
     if lean:
         loss, v_norm, u, direct = adapted_meta_loss_gradients(
             meta_loss,

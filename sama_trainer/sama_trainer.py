@@ -399,17 +399,14 @@ class SAMATrainer(Trainer):
         def meta_loss() -> torch.Tensor:
             return self.compute_meta_loss(model, meta_inputs)
 
-        # The step's gradients are consumed: the method may form u in their buffers (no θ-sized v), or, where it
-        # cannot, keep the saved θ there.
-        usable = all(
-            g is not None and g.dtype == p.dtype and g.shape == p.shape for g, p in zip(last_grads, base_params)
-        )
+        # The step's gradients are consumed: the method forms u in their buffers (no θ-sized v) or, where it cannot,
+        # keeps the saved θ there (the core checks that they fit).
         was_training = model.training
         model.train()
         try:
             options = dict(
                 restore=not args.sama_base_update,
-                workspace=last_grads if usable else None,
+                workspace=last_grads,
                 consume_grads=True,
                 base_step_hook=self._all_reduce_mean_ if args.world_size > 1 else None,
                 bias_correction=args.sama_bias_correction,

@@ -349,3 +349,23 @@ def test_consume_grads_without_a_theta_copy_restores_theta_on_error():
         )  # fmt: skip
     for a, b in zip(start, params):
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=1e-14)
+
+
+def test_consume_grads_without_a_theta_copy_skips_non_finite_and_returns_theta():
+    params, lam, base_loss, meta_loss, opt = stepped_problem("adamw")
+    start = [p.detach().clone() for p in params]
+    calls = []
+
+    def nan_on_minus_pass():
+        calls.append(1)
+        loss = base_loss()
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    out = meta_gradient(
+        "sama", params, lam, nan_on_minus_pass, meta_loss, optimizer=opt, last_grads=[p.grad for p in params],
+        restore=False, consume_grads=True,
+    )  # fmt: skip
+    assert out.skipped and out.stats["skip_reason_nonfinite_fd"] == 1.0
+    assert len(calls) == 2
+    for a, b in zip(start, params):
+        torch.testing.assert_close(b.detach(), a, rtol=0, atol=1e-14)

@@ -1,5 +1,6 @@
 """SAMATrainer under gradient accumulation, gradient checkpointing, PEFT/LoRA and mixed precision."""
 
+import importlib
 import math
 
 import pytest
@@ -172,12 +173,24 @@ def test_lora_meta_gradient_equals_manual_computation_on_adapter_params(tmp_path
 
 
 @pytest.mark.parametrize("base_update", [True, False])
-def test_lean_meta_step_matches_the_allocating_one(tmp_path, base_update):
+def test_lean_meta_step_matches_the_allocating_one(tmp_path, monkeypatch, base_update):
     """The trainer forms u in the consumed gradient buffers (and, with the base update, keeps no θ copy); turning
     that off with meta_gradient_kwargs must not change the training run beyond float32 rounding."""
+    core = importlib.import_module("sama_trainer.meta_gradient")  # the module (the package exports a function)
+
+    calls = []
+    original = core.adapted_meta_loss_gradients
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
     kw = dict(sama_base_update=base_update, meta_objective="reweight")
+    monkeypatch.setattr(core, "adapted_meta_loss_gradients", spy)
     lean = trained(tmp_path, **kw)
+    assert len(calls) == 4  # the trainer really took the lean path on every meta step
     allocating = trained(tmp_path, meta_gradient_kwargs={"consume_grads": False}, **kw)
+    assert len(calls) == 4  # ... and consume_grads=False really turns it off
     assert lean.meta_step_count == allocating.meta_step_count == 4
     if base_update:
         assert_close_params(lean.model, allocating.model, rtol=1e-5, atol=1e-6)
