@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -51,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sama_trainer import SAMAConfig  # noqa: E402
 from sama_trainer.tartan import (  # noqa: E402
+    AuxWeightNet,
     PairedDataset,
     TartanCollator,
     TartanMTTrainer,
@@ -65,6 +67,7 @@ METHODS = ("finetune", "tartan_mt", "sama")
 TASKS = ("chemprot", "citation_intent", "hyperpartisan_news", "sciie")
 MICRO_F1_TASKS = ("chemprot",)  # paper (and dont-stop-pretraining): micro-F1 for ChemProt, macro-F1 otherwise
 TINY_ROBERTA = "tiny-roberta"
+AUX_WEIGHT_SCALE = 2.0  # the weighting net outputs weights in (0, AUX_WEIGHT_SCALE)
 DEFAULT_DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
@@ -104,6 +107,18 @@ class TartanArguments:
     subset_seed: int = field(default=0, metadata={"help": "Seed of the data subsamples (not the training seed)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "Masking rate of the auxiliary MLM task."})
     aux_weight: float = field(default=1.0, metadata={"help": "tartan_mt: fixed weight of the MLM loss."})
+    aux_init_weight: float = field(
+        default=1.0,
+        metadata={"help": "sama: weight of every auxiliary example at the start, in (0, 2) (1 = start at tartan_mt)."},
+    )
+    mlm_head_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "tartan_mt/sama: first train only the MLM head (encoder frozen) for this many steps; for "
+            "checkpoints without a pretrained MLM head."
+        },
+    )
+    mlm_head_warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Adam lr of the MLM head warm-up."})
     save_final_model: bool = field(default=True, metadata={"help": "Save the trained classifier and MLM head."})
     tiny_vocab_size: int = field(default=600, metadata={"help": f"{TINY_ROBERTA}: BPE vocabulary size."})
     tiny_hidden_size: int = field(default=32, metadata={"help": f"{TINY_ROBERTA}: hidden size."})
@@ -115,6 +130,10 @@ class TartanArguments:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.max_seq_length < 8:
             raise ValueError("max_seq_length must be >= 8")
+        if not 0.0 < self.aux_init_weight < AUX_WEIGHT_SCALE:
+            raise ValueError(f"aux_init_weight must be in (0, {AUX_WEIGHT_SCALE}), got {self.aux_init_weight}")
+        if self.mlm_head_warmup_steps < 0:
+            raise ValueError("mlm_head_warmup_steps must be >= 0")
 
     @property
     def metric_name(self) -> str:
@@ -341,15 +360,36 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
         processing_class=tokenizer,
         compute_metrics=_compute_metrics,
     )
-    aux, records, sources = None, [], []
+    aux, records, sources, warmup_losses = None, [], [], []
     if args.method != "finetune":
         aux, records, sources = load_aux_corpus(args, tokenizer)
         train_dataset = PairedDataset(data["train"], aux)
+        if args.mlm_head_warmup_steps:
+            model.to(training_args.device)
+        warmup_losses = model.warm_up_mlm_head(
+            aux,
+            collator,
+            args.mlm_head_warmup_steps,
+            batch_size=training_args.per_device_train_batch_size,
+            learning_rate=args.mlm_head_warmup_learning_rate,
+            seed=training_args.seed,
+        )
     else:
         train_dataset = data["train"]
     if args.method == "sama":
+        w0 = args.aux_init_weight / AUX_WEIGHT_SCALE
+        meta_model = AuxWeightNet(
+            num_sources=len(sources),
+            hidden_size=training_args.meta_hidden_size,
+            weight_scale=AUX_WEIGHT_SCALE,
+            init_bias=math.log(w0 / (1.0 - w0)),
+        )
         trainer = TartanTrainer(
-            train_dataset=train_dataset, meta_dataset=data["train"], num_sources=len(sources), **common
+            train_dataset=train_dataset,
+            meta_dataset=data["train"],
+            meta_model=meta_model,
+            num_sources=len(sources),
+            **common,
         )
     else:
         trainer = TartanMTTrainer(
@@ -379,6 +419,13 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
         "global_steps": trainer.state.global_step,
         "train_loss": train_out.training_loss,
     }
+    if warmup_losses:
+        tail = warmup_losses[-min(10, len(warmup_losses)) :]
+        results["mlm_head_warmup"] = {
+            "steps": len(warmup_losses),
+            "first_loss": warmup_losses[0],
+            "last_loss_mean10": sum(tail) / len(tail),
+        }
     for split in ("dev", "test"):
         pred = trainer.predict(data[split], metric_key_prefix=split)
         results[split] = classification_scores(pred.predictions, pred.label_ids)

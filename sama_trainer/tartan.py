@@ -181,6 +181,65 @@ class TartanMultitaskModel(nn.Module):
             )
         return out
 
+    def mlm_head_parameters(self) -> list[nn.Parameter]:
+        """The MLM head's own parameters (not the decoder weight it shares with the input embeddings)."""
+        tied = self.classifier_model.get_input_embeddings().weight
+        return [p for p in self.lm_head.parameters() if p is not tied]
+
+    def warm_up_mlm_head(
+        self,
+        aux_dataset: Any,
+        collator: TartanCollator,
+        steps: int,
+        batch_size: int = 16,
+        learning_rate: float = 1e-3,
+        seed: int = 0,
+    ) -> list[float]:
+        """Train only the MLM head (:meth:`mlm_head_parameters`) for ``steps`` Adam steps on ``aux_dataset`` with
+        the encoder frozen; returns the mean MLM loss of every step.
+
+        A checkpoint without MLM head weights (a sentence encoder) starts with a random head whose large, noisy
+        gradients flow into the shared encoder as soon as multitask training starts; a pretrained MLM model does not
+        have that problem. Warming the head up first gives the auxiliary task the starting point it would have with
+        a pretrained head, and leaves the encoder, embeddings and classifier bit-identical.
+        """
+        if steps <= 0:
+            return []
+        if len(aux_dataset) == 0:
+            raise ValueError("warm_up_mlm_head needs a non-empty auxiliary dataset")
+        params = self.mlm_head_parameters()
+        device = params[0].device
+        optimizer = torch.optim.Adam(params, lr=learning_rate)
+        generator = torch.Generator().manual_seed(seed)
+        head = {id(p) for p in params}
+        frozen = [p for p in self.parameters() if id(p) not in head and p.requires_grad]
+        was_training = self.training
+        self.train()
+        losses: list[float] = []
+        try:
+            for p in frozen:  # includes the tied decoder weight: no gradient for the embeddings
+                p.requires_grad_(False)
+            for _ in range(steps):
+                idx = torch.randint(len(aux_dataset), (batch_size,), generator=generator).tolist()
+                batch = collator([aux_dataset[i] for i in idx])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with torch.no_grad():
+                    hidden = self.encoder(
+                        input_ids=batch["mlm_input_ids"], attention_mask=batch["mlm_attention_mask"]
+                    ).last_hidden_state
+                masked = batch["mlm_labels"] != -100
+                logits = self.lm_head(hidden[masked])
+                loss = F.cross_entropy(logits.float(), batch["mlm_labels"][masked])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.train(was_training)
+        return losses
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """The classifier as a plain HF model folder plus the MLM head (without the tied decoder weight)."""
         self.classifier_model.save_pretrained(save_directory, **kwargs)

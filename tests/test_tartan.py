@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import math
 import os
 import random
 import sys
@@ -189,6 +191,43 @@ def test_aux_weight_net_starts_at_one():
     net = AuxWeightNet(num_sources=2)
     w = net(torch.rand(5) * 10, F.one_hot(torch.tensor([0, 1, 0, 1, 1]), 2).float())
     torch.testing.assert_close(w, torch.ones(5))
+
+
+def test_mlm_head_warm_up_trains_only_the_head(tiny):
+    args, model, tokenizer, _, _ = tiny
+    aux, _, _ = recipe.load_aux_corpus(args, tokenizer)
+    model = copy.deepcopy(model)
+    head = {id(p) for p in model.mlm_head_parameters()}
+    tied = model.encoder.get_input_embeddings().weight
+    assert id(tied) not in head and head == {id(p) for p in model.lm_head.parameters()} - {id(tied)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    collator = TartanCollator(tokenizer, seed=0)
+    torch.manual_seed(0)
+    losses = model.warm_up_mlm_head(aux, collator, steps=40, batch_size=8, learning_rate=1e-2, seed=0)
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # the head learns
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (id(p) in head), name  # encoder, embeddings and classifier bit-identical
+        assert p.requires_grad, name  # nothing left frozen
+    assert model.lm_head.decoder.weight is model.encoder.get_input_embeddings().weight
+    assert model.warm_up_mlm_head(aux, collator, steps=0) == []
+
+
+def test_aux_weight_net_initial_weight(task_dir, tmp_path):
+    net = AuxWeightNet(num_sources=2, init_bias=math.log(0.05 / 0.95))
+    torch.testing.assert_close(net(torch.rand(3) * 10, None), torch.full((3,), 0.1))
+    for bad in (0.0, 2.0):
+        with pytest.raises(ValueError, match="aux_init_weight"):
+            recipe.TartanArguments(task_dir=task_dir, aux_init_weight=bad)
+
+
+def test_end_to_end_sama_with_head_warm_up_and_small_initial_weight(task_dir, tmp_path):
+    extra = dict(save_final_model="false", aux_init_weight=0.1, mlm_head_warmup_steps=3, meta_learning_rate=1e-7)
+    results, out = _run(task_dir, tmp_path, "sama", steps=2, **extra)
+    assert results["mlm_head_warmup"]["steps"] == 3
+    with open(os.path.join(out, "aux_weights.jsonl")) as f:
+        weights = [json.loads(line)["final_weight"] for line in f]
+    assert all(abs(w - 0.1) < 1e-3 for w in weights)  # the start the flag asked for (a tiny meta lr)
 
 
 def _run(task_dir: str, tmp_path, method: str, steps: int, **extra):
