@@ -4,7 +4,7 @@ Each run is a separate process (``OMP_NUM_THREADS=--threads``), ``--jobs`` of th
 ``<output_root>/<task>/<method>/seed<seed>/``; runs whose ``results.json`` exists are skipped, so an interrupted table
 resumes. The table (``table.md``, ``table.json`` in ``output_root``) gives mean ± sample std over seeds of the test
 score (micro-F1 for ChemProt, macro-F1 otherwise) and the 4-task average (mean of the task means; its ± is the std
-over seeds of the per-seed average).
+over seeds of the per-seed average, over the seeds that ran on every task, shown when there are at least two).
 
 Examples::
 
@@ -79,8 +79,9 @@ def _fmt(values: list[float]) -> str:
     if not values:
         return "–"
     mean = 100 * statistics.mean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) != 3 else "")
+    if len(values) == 1:
+        return f"{mean:.2f} (n=1)"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}" + (f" (n={len(values)})" if len(values) != 3 else "")
 
 
 def make_table(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, dict[str, Any]]:
@@ -106,8 +107,11 @@ def make_table(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, di
         ]
         avg = "–"
         if len(means) == len(tasks):
-            std = 100 * statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
-            avg = f"**{100 * statistics.mean(means):.2f}** ± {std:.2f}"
+            avg = f"**{100 * statistics.mean(means):.2f}**"
+            if len(per_seed) > 1:  # std over the seeds that ran on every task
+                avg += f" ± {100 * statistics.stdev(per_seed):.2f}" + (
+                    f" ({len(per_seed)} seeds)" if len(per_seed) != 3 else ""
+                )
             data[f"{m}/average"] = statistics.mean(means)
         lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines), data
