@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -67,7 +66,6 @@ METHODS = ("finetune", "tartan_mt", "sama")
 TASKS = ("chemprot", "citation_intent", "hyperpartisan_news", "sciie")
 MICRO_F1_TASKS = ("chemprot",)  # paper (and dont-stop-pretraining): micro-F1 for ChemProt, macro-F1 otherwise
 TINY_ROBERTA = "tiny-roberta"
-AUX_WEIGHT_SCALE = 2.0  # the weighting net outputs weights in (0, AUX_WEIGHT_SCALE)
 DEFAULT_DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
@@ -130,8 +128,7 @@ class TartanArguments:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.max_seq_length < 8:
             raise ValueError("max_seq_length must be >= 8")
-        if not 0.0 < self.aux_init_weight < AUX_WEIGHT_SCALE:
-            raise ValueError(f"aux_init_weight must be in (0, {AUX_WEIGHT_SCALE}), got {self.aux_init_weight}")
+        AuxWeightNet.init_bias_for(self.aux_init_weight)  # raises on a weight outside (0, 2)
         if self.mlm_head_warmup_steps < 0:
             raise ValueError("mlm_head_warmup_steps must be >= 0")
 
@@ -377,18 +374,11 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
     else:
         train_dataset = data["train"]
     if args.method == "sama":
-        w0 = args.aux_init_weight / AUX_WEIGHT_SCALE
-        meta_model = AuxWeightNet(
-            num_sources=len(sources),
-            hidden_size=training_args.meta_hidden_size,
-            weight_scale=AUX_WEIGHT_SCALE,
-            init_bias=math.log(w0 / (1.0 - w0)),
-        )
         trainer = TartanTrainer(
             train_dataset=train_dataset,
             meta_dataset=data["train"],
-            meta_model=meta_model,
             num_sources=len(sources),
+            aux_init_weight=args.aux_init_weight,
             **common,
         )
     else:

@@ -23,6 +23,7 @@ end task. Pieces:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 MLM_HEAD_NAME = "tartan_mlm_head.pt"
+DEFAULT_AUX_WEIGHT_SCALE = 2.0  # AuxWeightNet's weights lie in (0, 2): w = 1 (TARTAN-MT) is the middle
 AUX_COLUMNS = ("aux_index", "aux_source")
 
 
@@ -215,30 +217,25 @@ class TartanMultitaskModel(nn.Module):
         frozen = [p for p in self.parameters() if id(p) not in head and p.requires_grad]
         was_training = self.training
         self.train()
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         try:
-            for p in frozen:  # includes the tied decoder weight: no gradient for the embeddings
+            for p in frozen:  # the encoder builds no graph; the tied decoder weight gets no gradient
                 p.requires_grad_(False)
             for _ in range(steps):
                 idx = torch.randint(len(aux_dataset), (batch_size,), generator=generator).tolist()
                 batch = collator([aux_dataset[i] for i in idx])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.no_grad():
-                    hidden = self.encoder(
-                        input_ids=batch["mlm_input_ids"], attention_mask=batch["mlm_attention_mask"]
-                    ).last_hidden_state
-                masked = batch["mlm_labels"] != -100
-                logits = self.lm_head(hidden[masked])
-                loss = F.cross_entropy(logits.float(), batch["mlm_labels"][masked])
+                out = self(**{k: v.to(device) for k, v in batch.items() if k.startswith("mlm_")})
+                counts = out.mlm_num_masked
+                loss = (out.mlm_losses * counts).sum() / counts.sum()  # mean over the batch's masked tokens
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                losses.append(loss.detach())
         finally:
             for p in frozen:
                 p.requires_grad_(True)
             self.train(was_training)
-        return losses
+        return torch.stack(losses).tolist()
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """The classifier as a plain HF model folder plus the MLM head (without the tied decoder weight)."""
@@ -355,12 +352,17 @@ class AuxWeightNet(nn.Module, PyTorchModelHubMixin):
 
     The per-example MLM loss (Meta-Weight-Net's feature) says how hard/atypical an example is; the source corpus
     (e.g. 0 = task text/TAPT, 1 = domain text) is a free feature that lets the net also learn a per-corpus weight, the
-    quantity META-TARTAN learns. ``weight_scale=2`` with ``init_bias=0`` starts near w ≈ 1, i.e. at TARTAN-MT.
+    quantity META-TARTAN learns. ``weight_scale=2`` with ``init_bias=0`` starts near w ≈ 1, i.e. at TARTAN-MT;
+    :meth:`init_bias_for` gives the bias for another starting weight.
     Call contract of the reweighting nets: ``net(losses [B], features [B, num_sources] | None) -> weights [B]``.
     """
 
     def __init__(
-        self, num_sources: int = 1, hidden_size: int = 100, weight_scale: float = 2.0, init_bias: float = 0.0
+        self,
+        num_sources: int = 1,
+        hidden_size: int = 100,
+        weight_scale: float = DEFAULT_AUX_WEIGHT_SCALE,
+        init_bias: float = 0.0,
     ):
         super().__init__()
         self.num_sources = num_sources
@@ -369,6 +371,13 @@ class AuxWeightNet(nn.Module, PyTorchModelHubMixin):
         self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
         nn.init.zeros_(self.net[2].weight)  # start exactly at w = weight_scale · sigmoid(init_bias) for every example
         nn.init.constant_(self.net[2].bias, init_bias)
+
+    @staticmethod
+    def init_bias_for(init_weight: float, weight_scale: float = DEFAULT_AUX_WEIGHT_SCALE) -> float:
+        """The ``init_bias`` that starts every example at weight ``init_weight`` (in (0, weight_scale))."""
+        if not 0.0 < init_weight < weight_scale:
+            raise ValueError(f"aux_init_weight must be in (0, {weight_scale}), got {init_weight}")
+        return math.log(init_weight / (weight_scale - init_weight))
 
     def forward(self, losses: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         x = [losses.float().reshape(-1, 1)]
@@ -461,8 +470,16 @@ class TartanTrainer(_TartanTrainerMixin, SAMATrainer):
 
     _tag_names = SAMATrainer._tag_names + ["tartan", "masked-lm-auxiliary"]
 
-    def __init__(self, *args: Any, meta_model: nn.Module | None = None, num_sources: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        meta_model: nn.Module | None = None,
+        num_sources: int = 1,
+        aux_init_weight: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
         self.num_sources = num_sources
+        self.aux_init_bias = AuxWeightNet.init_bias_for(aux_init_weight)
         self._base_step = False
         self._ft_loss: torch.Tensor | None = None
         self._step_weights: torch.Tensor | None = None
@@ -474,7 +491,9 @@ class TartanTrainer(_TartanTrainerMixin, SAMATrainer):
             raise ValueError("TartanTrainer learns example weights only: use meta_objective='reweight'")
 
     def _default_meta_model(self, args, num_labels):  # SAMATrainer calls it on the instance
-        return AuxWeightNet(num_sources=self.num_sources, hidden_size=args.meta_hidden_size)
+        return AuxWeightNet(
+            num_sources=self.num_sources, hidden_size=args.meta_hidden_size, init_bias=self.aux_init_bias
+        )
 
     def _features(self, inputs: dict) -> torch.Tensor | None:
         source = inputs.get("aux_source")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import math
 import os
 import random
 import sys
@@ -197,6 +196,7 @@ def test_mlm_head_warm_up_trains_only_the_head(tiny):
     args, model, tokenizer, _, _ = tiny
     aux, _, _ = recipe.load_aux_corpus(args, tokenizer)
     model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
     head = {id(p) for p in model.mlm_head_parameters()}
     tied = model.encoder.get_input_embeddings().weight
     assert id(tied) not in head and head == {id(p) for p in model.lm_head.parameters()} - {id(tied)}
@@ -209,13 +209,15 @@ def test_mlm_head_warm_up_trains_only_the_head(tiny):
         moved = not torch.equal(p, before[name])
         assert moved == (id(p) in head), name  # encoder, embeddings and classifier bit-identical
         assert p.requires_grad, name  # nothing left frozen
+        assert (p.grad is None) == (id(p) not in head), name  # no backward through the encoder or the embeddings
     assert model.lm_head.decoder.weight is model.encoder.get_input_embeddings().weight
     assert model.warm_up_mlm_head(aux, collator, steps=0) == []
 
 
-def test_aux_weight_net_initial_weight(task_dir, tmp_path):
-    net = AuxWeightNet(num_sources=2, init_bias=math.log(0.05 / 0.95))
+def test_aux_weight_net_initial_weight(task_dir):
+    net = AuxWeightNet(num_sources=2, init_bias=AuxWeightNet.init_bias_for(0.1))
     torch.testing.assert_close(net(torch.rand(3) * 10, None), torch.full((3,), 0.1))
+    assert AuxWeightNet.init_bias_for(1.0) == 0.0  # the middle of (0, 2): the default net
     for bad in (0.0, 2.0):
         with pytest.raises(ValueError, match="aux_init_weight"):
             recipe.TartanArguments(task_dir=task_dir, aux_init_weight=bad)
