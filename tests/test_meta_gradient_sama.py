@@ -331,41 +331,32 @@ def test_consume_grads_matches_the_allocating_path(method, opt_name, restore):
     assert torch.count_nonzero(buffers[2]) == 0  # the buffers now hold u
 
 
-def test_consume_grads_without_a_theta_copy_restores_theta_on_error():
+@pytest.mark.parametrize("failure", ["error", "non_finite"])
+def test_consume_grads_without_a_theta_copy_returns_to_theta_when_the_minus_pass_fails(failure):
+    """Copy-free mode (θ moved arithmetically): an exception or a non-finite loss in the θ - εu pass puts θ back."""
     params, lam, base_loss, meta_loss, opt = stepped_problem("adamw")
     start = [p.detach().clone() for p in params]
     calls = []
 
     def failing_base_loss():
         calls.append(1)
-        if len(calls) == 2:  # inside the second (θ - εu) pass
+        loss = base_loss()
+        if len(calls) == 2 and failure == "error":
             raise RuntimeError("boom")
-        return base_loss()
+        return loss * float("nan") if len(calls) == 2 else loss
 
-    with pytest.raises(RuntimeError, match="boom"):
-        meta_gradient(
+    def run():
+        return meta_gradient(
             "sama", params, lam, failing_base_loss, meta_loss, optimizer=opt, last_grads=[p.grad for p in params],
             restore=False, consume_grads=True,
         )  # fmt: skip
-    for a, b in zip(start, params):
-        torch.testing.assert_close(b.detach(), a, rtol=0, atol=1e-14)
 
-
-def test_consume_grads_without_a_theta_copy_skips_non_finite_and_returns_theta():
-    params, lam, base_loss, meta_loss, opt = stepped_problem("adamw")
-    start = [p.detach().clone() for p in params]
-    calls = []
-
-    def nan_on_minus_pass():
-        calls.append(1)
-        loss = base_loss()
-        return loss * float("nan") if len(calls) == 2 else loss
-
-    out = meta_gradient(
-        "sama", params, lam, nan_on_minus_pass, meta_loss, optimizer=opt, last_grads=[p.grad for p in params],
-        restore=False, consume_grads=True,
-    )  # fmt: skip
-    assert out.skipped and out.stats["skip_reason_nonfinite_fd"] == 1.0
+    if failure == "error":
+        with pytest.raises(RuntimeError, match="boom"):
+            run()
+    else:
+        out = run()
+        assert out.skipped and out.stats["skip_reason_nonfinite_fd"] == 1.0
     assert len(calls) == 2
     for a, b in zip(start, params):
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=1e-14)
