@@ -517,11 +517,16 @@ def serve_workers() -> None:
     """The zygote: import the heavy modules once, then fork one child per job line read from stdin."""
     import signal
 
-    import torch  # noqa: F401
+    # torch.cuda.is_available() (called by the imports below) must not initialize the CUDA driver in the zygote:
+    # a child forked after that cannot use CUDA. The NVML-based check answers without initializing it.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
     from transformers import BertForSequenceClassification, Trainer, TrainingArguments  # noqa: F401
 
     import sama_trainer  # noqa: F401
 
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialized before forking workers; run with --fresh_processes")
     for line in sys.stdin:
         job = json.loads(line)
         if job.get("cmd") == "methods":
