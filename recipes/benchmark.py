@@ -138,6 +138,8 @@ def build_model_config(spec: dict[str, Any]) -> Any:
         kwargs["intermediate_size"] = 4 * hidden
     kwargs["max_position_embeddings"] = max(kwargs.get("max_position_embeddings", 512), spec["seq_len"])
     kwargs["num_labels"] = spec["num_labels"]
+    if spec.get("attn_implementation"):
+        kwargs["attn_implementation"] = spec["attn_implementation"]
     return BertConfig(**kwargs)
 
 
@@ -709,7 +711,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         mem_desc += f" (malloc mmap threshold: {threshold})"
     lines = [
         f"### {cfg['model']['name']} ({cfg['model']['num_hidden_layers']} layers x {cfg['model']['hidden_size']} "
-        f"hidden, {cfg['num_params'] / 1e6:.1f}M params) on {device}, {'bf16' if cfg['bf16'] else 'fp32'}",
+        f"hidden, {cfg['num_params'] / 1e6:.1f}M params) on {device}, {'bf16' if cfg['bf16'] else 'fp32'}, "
+        f"{cfg.get('attn_implementation') or 'default'} attention",
         "",
         f"seq_len {cfg['seq_len']}, batch {cfg['batch_size']} (meta batch = base batch), "
         f"unroll {cfg['unroll_steps']}, "
@@ -846,6 +849,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method_kwargs", default="{}", help='JSON: method -> meta_gradient_kwargs, e.g. {"cg": {...}}')
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per method (median reported)")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument(
+        "--attn_implementation",
+        default=None,
+        help="attention kernel of the model (default: transformers' choice, sdpa); neumann, cg and unrolled "
+        "differentiate twice through it, which SDPA's fused GPU kernels do not support: use 'eager' for them",
+    )
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--learning_rate", type=float, default=2e-5)
@@ -933,6 +942,7 @@ def _benchmark(args: argparse.Namespace, launcher: WorkerLauncher, argv: list[st
         "cost_model": not args.no_cost_model,
         "profile_dir": args.profile_dir,
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "attn_implementation": args.attn_implementation,
     }
     model_cfg = build_model_config(spec)
     methods = _resolve_methods(args.methods, launcher.available_methods())  # after our imports: they overlap
@@ -996,6 +1006,7 @@ def _benchmark(args: argparse.Namespace, launcher: WorkerLauncher, argv: list[st
             "methods": methods,
             "method_kwargs": spec["method_kwargs"],
             "bf16": args.bf16,
+            "attn_implementation": model_cfg._attn_implementation,
             "device": "cuda" if cuda else "cpu",
             "threads": threads,
             "cpu_count": os.cpu_count(),

@@ -85,22 +85,42 @@ def check_adaptation_supported(optimizer: Any) -> None:
             raise UnsupportedOptimizerError("SAMA adaptation does not support maximize=True optimizers.")
 
 
-# Rules are elementwise, so large tensors are processed in chunks of this many elements: a rule's float32
-# temporaries then stay small instead of several copies of the largest parameter (e.g. a word embedding).
+# Rules are elementwise, so large tensors are processed in chunks: a rule's float32 temporaries then stay small
+# instead of several copies of the largest parameter (e.g. a word embedding). On a GPU a per-tensor rule is bound by
+# kernel launches (~15 per tensor), so there chunks are larger and rules with a foreach form (Adam) process a whole
+# bucket of tensors with a few multi-tensor kernels; the adaptation runs before the meta forward, while no
+# activations are alive, so its temporaries stay far below the training step's peak memory.
 CHUNK_ELEMENTS = 1 << 20
+CUDA_CHUNK_ELEMENTS = 1 << 22
 
 
-def _chunks(p: torch.Tensor, g: torch.Tensor | None, state: dict, chunk: int | None):
-    """(param, grad, state) views over consecutive flat chunks of ``p`` (the whole tensors if small)."""
+def _chunk_elements(p: torch.Tensor) -> int:
+    return CUDA_CHUNK_ELEMENTS if p.device.type == "cuda" else CHUNK_ELEMENTS
+
+
+def _parts(p: torch.Tensor, g: torch.Tensor | None, state: dict, chunk: int | None):
+    """(flat slice or None, param, grad, state) over consecutive flat chunks of ``p`` (the whole tensors if small)."""
     n = p.numel()
     if chunk is None or n <= chunk or not p.is_contiguous():
-        yield p, g, state
+        yield None, p, g, state
         return
     flat = {k: v.reshape(-1) for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel() == n}
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         part = {**state, **{k: v[start:end] for k, v in flat.items()}}
-        yield p.reshape(-1)[start:end], None if g is None else g.reshape(-1)[start:end], part
+        yield slice(start, end), p.reshape(-1)[start:end], None if g is None else g.reshape(-1)[start:end], part
+
+
+def _checked_groups(opt: torch.optim.Optimizer, params, grads) -> tuple[dict[int, dict], list]:
+    group_of = {id(p): group for group in opt.param_groups for p in group["params"]}
+    if grads is None:
+        grads = [None] * len(params)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    for p in params:
+        if id(p) not in group_of:
+            raise ValueError("a base parameter is not managed by the optimizer; pass only the optimizer's parameters")
+    return group_of, list(grads)
 
 
 def _iter_diagonals(
@@ -113,21 +133,11 @@ def _iter_diagonals(
     """Yields (parameter index, flat slice or None, diagonal) for each parameter (or chunk of it)."""
     opt = _unwrap(optimizer)
     rule = _find_rule(opt)
-    group_of = {id(p): group for group in opt.param_groups for p in group["params"]}
-    if grads is None:
-        grads = [None] * len(params)
-    if len(grads) != len(params):
-        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    group_of, grads = _checked_groups(opt, params, grads)
     for i, (p, g) in enumerate(zip(params, grads)):
-        group = group_of.get(id(p))
-        if group is None:
-            raise ValueError("a base parameter is not managed by the optimizer; pass only the optimizer's parameters")
-        offset = 0
-        for part_p, part_g, part_state in _chunks(p, g, opt.state.get(p, {}), chunk):
-            diag = rule(part_p, part_g, group, part_state, bias_correction)
-            whole = part_p is p
-            yield i, None if whole else slice(offset, offset + part_p.numel()), diag
-            offset += part_p.numel()
+        group = group_of[id(p)]
+        for part, part_p, part_g, part_state in _parts(p, g, opt.state.get(p, {}), chunk):
+            yield i, part, rule(part_p, part_g, group, part_state, bias_correction)
 
 
 @torch.no_grad()
@@ -154,10 +164,42 @@ def adaptation_diagonal(
     return out
 
 
-def _chunked_diagonals(optimizer, params, grads, tensors, bias_correction):
-    """(view of ``tensors[i]`` over one chunk, du/dg of that chunk) for every parameter chunk."""
-    for i, part, diag in _iter_diagonals(optimizer, params, grads, bias_correction, chunk=CHUNK_ELEMENTS):
-        yield (tensors[i] if part is None else tensors[i].view(-1)[part]), diag
+class _Bucket:
+    """Chunks that one foreach call adapts together (same param group, step count, device and dtype)."""
+
+    def __init__(self, group: dict) -> None:
+        self.group, self.targets, self.params, self.grads, self.states, self.numel = group, [], [], [], [], 0
+
+    def add(self, target: torch.Tensor, p: torch.Tensor, g: torch.Tensor | None, state: dict) -> None:
+        self.targets.append(target)
+        self.params.append(p)
+        self.grads.append(g)
+        self.states.append(state)
+        self.numel += p.numel()
+
+
+def _bucketed_diagonals(optimizer, params, grads, tensors, bias_correction):
+    """Yields (views of ``tensors``, du/dg of those views) over every parameter chunk, a bucket at a time."""
+    opt = _unwrap(optimizer)
+    rule = _find_rule(opt)
+    foreach_rule = _FOREACH_RULES.get(rule)
+    group_of, grads = _checked_groups(opt, params, grads)
+    open_buckets: dict[tuple, _Bucket] = {}
+    for p, g, target in zip(params, grads, tensors):
+        group, state, chunk = group_of[id(p)], opt.state.get(p, {}), _chunk_elements(p)
+        key = foreach_rule.bucket_key(p, g, group, state) if foreach_rule is not None else None
+        for part, part_p, part_g, part_state in _parts(p, g, state, chunk):
+            view = target if part is None else target.view(-1)[part]
+            if key is None:
+                yield [view], [rule(part_p, part_g, group, part_state, bias_correction)]
+                continue
+            bucket = open_buckets.setdefault(key, _Bucket(group))
+            bucket.add(view, part_p, part_g, part_state)
+            if bucket.numel >= chunk:
+                del open_buckets[key]
+                yield bucket.targets, foreach_rule(bucket, bias_correction)
+    for bucket in open_buckets.values():
+        yield bucket.targets, foreach_rule(bucket, bias_correction)
 
 
 @torch.no_grad()
@@ -170,8 +212,11 @@ def apply_adaptation_(
     bias_correction: bool = True,
 ) -> list[torch.Tensor]:
     """Multiply ``vectors`` in place by du/dg, chunk by chunk (no full-size diagonal is kept). Returns them."""
-    for v, diag in _chunked_diagonals(optimizer, params, grads, vectors, bias_correction):
-        v.mul_(diag.to(v.dtype) if isinstance(diag, torch.Tensor) else diag)
+    for views, diags in _bucketed_diagonals(optimizer, params, grads, vectors, bias_correction):
+        if len(views) == 1 and not isinstance(diags[0], torch.Tensor):
+            views[0].mul_(diags[0])
+        else:
+            torch._foreach_mul_(views, [d.to(v.dtype) for v, d in zip(views, diags)])
     return list(vectors)
 
 
@@ -186,11 +231,11 @@ def adaptation_diagonal_into_(
 ) -> list[torch.Tensor]:
     """Write the diagonal of du/dg into ``out`` chunk by chunk (``out`` may be ``grads`` itself: each chunk of the
     gradient is read before it is overwritten). Returns ``out``."""
-    for o, diag in _chunked_diagonals(optimizer, params, grads, out, bias_correction):
-        if isinstance(diag, torch.Tensor):
-            o.copy_(diag)
+    for views, diags in _bucketed_diagonals(optimizer, params, grads, out, bias_correction):
+        if len(views) == 1 and not isinstance(diags[0], torch.Tensor):
+            views[0].fill_(float(diags[0]))
         else:
-            o.fill_(float(diag))
+            torch._foreach_copy_(views, diags)
     return list(out)
 
 
@@ -259,6 +304,58 @@ def _adam_rule(p, g, group, state, bias_correction) -> torch.Tensor | float:
         second = torch.where(s_hat == s, second, torch.zeros_like(second))
     diag = (lr / c1) * ((1.0 - beta1) / denom - second)
     return diag.to(p.dtype)
+
+
+class _AdamForeach:
+    """:func:`_adam_rule` over a bucket of tensors with torch's multi-tensor (foreach) kernels.
+
+    Covers the common case (float32/64, no amsgrad, decoupled or no weight decay); other parameters take the
+    per-tensor rule. Same formula; where s = 0 the second term is 0 (a 0/1 mask from sign(√s)), as there.
+    """
+
+    def bucket_key(self, p, g, group, state) -> tuple | None:
+        if "exp_avg" not in state or g is None or group.get("maximize", False) or group.get("amsgrad", False):
+            return None
+        if float(group.get("weight_decay", 0.0)) != 0.0 and not group.get("decoupled_weight_decay", False):
+            return None
+        if p.dtype not in (torch.float32, torch.float64) or g.dtype != p.dtype:
+            return None
+        if state["exp_avg"].dtype != p.dtype or state["exp_avg_sq"].dtype != p.dtype:
+            return None
+        step = state["step"]
+        return id(group), float(step.item() if isinstance(step, torch.Tensor) else step), p.device, p.dtype
+
+    def __call__(self, bucket: _Bucket, bias_correction: bool) -> list[torch.Tensor]:
+        group = bucket.group
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, lr = float(group["eps"]), _lr(group)
+        step = bucket.states[0]["step"]
+        t = float(step.item() if isinstance(step, torch.Tensor) else step)
+        c1, c2 = (1.0 - beta1**t, (1.0 - beta2**t) ** 0.5) if bias_correction else (1.0, 1.0)
+        m = [s["exp_avg"] for s in bucket.states]
+        sqrt_s = torch._foreach_sqrt([s["exp_avg_sq"] for s in bucket.states])
+        denom = torch._foreach_div(sqrt_s, c2)
+        torch._foreach_add_(denom, eps)
+        # second = (1-β2)·g·m / (c2·√s·D²), 0 where s = 0 (then g = 0 as well)
+        second = torch._foreach_mul(bucket.grads, m)
+        torch._foreach_mul_(second, (1.0 - beta2) / c2)
+        below = torch._foreach_mul(denom, denom)
+        torch._foreach_mul_(below, sqrt_s)
+        torch._foreach_clamp_min_(below, torch.finfo(bucket.params[0].dtype).tiny)
+        torch._foreach_div_(second, below)
+        del below
+        torch._foreach_sign_(sqrt_s)
+        torch._foreach_mul_(second, sqrt_s)
+        del sqrt_s
+        diag = torch._foreach_reciprocal(denom)
+        del denom
+        torch._foreach_mul_(diag, 1.0 - beta1)
+        torch._foreach_sub_(diag, second)
+        torch._foreach_mul_(diag, lr / c1)
+        return diag
+
+
+_FOREACH_RULES: dict[AdaptationRule, Any] = {_adam_rule: _AdamForeach()}
 
 
 # torch < 2.6 AdamW did not subclass Adam; it shares Adam's state layout and always decays decoupled.

@@ -162,3 +162,51 @@ def test_chunked_in_place_adaptation_equals_whole_tensor_diagonal(name, monkeypa
     chunked = apply_adaptation_(opt, params, grads, [x.clone() for x in v])
     for c, d, x in zip(chunked, whole, v):
         torch.testing.assert_close(c, d * x)
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_bucketed_foreach_adam_equals_per_tensor_rule(consume, monkeypatch):
+    """The multi-tensor Adam path (buckets across tensors, chunks of large ones, two param groups, an unstepped
+    parameter, an entry whose second moment is 0, du/dg written over the gradients themselves) equals the per-tensor
+    rule element for element."""
+    import sama_trainer.adaptation as adaptation
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40, 9), (7,), (3, 5), (11,), (2, 2)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64)) for shape in shapes]
+    frozen_until_now = torch.nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float64))
+    opt = torch.optim.AdamW(
+        [{"params": params[:3]}, {"params": params[3:] + [frozen_until_now], "lr": 3e-3, "weight_decay": 0.0}],
+        lr=1e-2,
+        weight_decay=0.05,
+    )
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad[..., 0] = 0.0  # never any gradient here: exp_avg_sq stays exactly 0
+        opt.step()
+    all_params = params + [frozen_until_now]
+    grads = [p.grad for p in params] + [torch.randn(4, generator=gen, dtype=torch.float64)]
+    assert (opt.state[params[0]]["exp_avg_sq"][..., 0] == 0).all()
+    whole = adaptation_diagonal(opt, all_params, grads)
+
+    calls = []
+    foreach = adaptation._FOREACH_RULES[adaptation._adam_rule]
+
+    def counting(bucket, bias_correction):
+        calls.append(len(bucket.targets))
+        return foreach(bucket, bias_correction)
+
+    counting.bucket_key = foreach.bucket_key
+    monkeypatch.setitem(adaptation._FOREACH_RULES, adaptation._adam_rule, counting)
+    monkeypatch.setattr(adaptation, "CHUNK_ELEMENTS", 100)  # 360 elements -> 4 chunks; buckets close at 100
+    grads_in = [g.clone() for g in grads]
+    out = grads_in if consume else [torch.empty_like(p) for p in all_params]
+    adaptation.adaptation_diagonal_into_(opt, all_params, grads_in, out)
+    for o, d in zip(out, whole):
+        torch.testing.assert_close(o, d, rtol=1e-12, atol=0.0)
+    assert whole[-1].eq(0).all() and out[-1].eq(0).all()  # unstepped: u did not depend on g
+    assert whole[0][..., 0].ne(0).all()  # s = 0 entries keep the first term
+    # both groups took the foreach path (the unstepped parameter did not); the first group's 360 + 7 + 15 elements
+    # fill 4 buckets, the second group's 11 + 4 one
+    assert sum(calls) >= len(shapes) and len(calls) == 5
