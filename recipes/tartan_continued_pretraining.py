@@ -109,6 +109,13 @@ class TartanArguments:
         default=1.0,
         metadata={"help": "sama: weight of every auxiliary example at the start, in (0, 2) (1 = start at tartan_mt)."},
     )
+    aux_loss_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "sama: the weighting net reads the MLM loss divided by this (default: ln(vocabulary size), the "
+            "loss of a uniform guess; 1 = the raw loss)."
+        },
+    )
     mlm_head_warmup_steps: int = field(
         default=0,
         metadata={
@@ -129,6 +136,10 @@ class TartanArguments:
         if self.max_seq_length < 8:
             raise ValueError("max_seq_length must be >= 8")
         AuxWeightNet.init_bias_for(self.aux_init_weight)  # raises on a weight outside (0, 2)
+        if self.aux_loss_scale is not None and not self.aux_loss_scale > 0:
+            raise ValueError(
+                f"aux_loss_scale must be > 0 (or unset for ln(vocabulary size)), got {self.aux_loss_scale}"
+            )
         if self.mlm_head_warmup_steps < 0:
             raise ValueError("mlm_head_warmup_steps must be >= 0")
 
@@ -379,6 +390,7 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
             meta_dataset=data["train"],
             num_sources=len(sources),
             aux_init_weight=args.aux_init_weight,
+            aux_loss_scale=args.aux_loss_scale,
             **common,
         )
     else:
@@ -424,6 +436,12 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
     results["test_score"] = results["test"][args.metric_name]
     if args.method == "sama":
         results["meta_steps"] = trainer.meta_step_count
+        results["aux_loss_scale"] = trainer.aux_loss_scale
+        results["weight_trajectory"] = [  # the batch weights logged during training: do they saturate?
+            {"step": e["step"], **{k[5:]: e[k] for k in ("meta/weight_mean", "meta/weight_min", "meta/weight_max")}}
+            for e in trainer.state.log_history
+            if "meta/weight_mean" in e
+        ]
         results["aux_weights"] = write_aux_weights(trainer, aux, records, sources, training_args.output_dir)
     results["train_runtime_s"] = round(train_out.metrics["train_runtime"], 1)
     results["runtime_s"] = round(time.time() - start, 1)

@@ -348,12 +348,16 @@ class TartanCollator:
 
 
 class AuxWeightNet(nn.Module, PyTorchModelHubMixin):
-    """w(x; λ) = weight_scale · sigmoid(MLP([L_mlm(x), onehot(source(x))])).
+    """w(x; λ) = weight_scale · sigmoid(MLP([L_mlm(x) / loss_scale, onehot(source(x))])).
 
     The per-example MLM loss (Meta-Weight-Net's feature) says how hard/atypical an example is; the source corpus
     (e.g. 0 = task text/TAPT, 1 = domain text) is a free feature that lets the net also learn a per-corpus weight, the
     quantity META-TARTAN learns. ``weight_scale=2`` with ``init_bias=0`` starts near w ≈ 1, i.e. at TARTAN-MT;
-    :meth:`init_bias_for` gives the bias for another starting weight.
+    :meth:`init_bias_for` gives the bias for another starting weight. ``loss_scale`` puts the loss feature on a
+    fixed scale (:class:`TartanTrainer` uses ln(vocabulary size), the MLM loss of a uniform guess, so the feature is
+    about 0..1): the hidden activations grow with the feature, and with them how far one Adam meta step moves the
+    output logit (a raw MLM loss of 6-11 moved it by tens of logits, so weights saturated at 0 or ``weight_scale``
+    and stayed there).
     Call contract of the reweighting nets: ``net(losses [B], features [B, num_sources] | None) -> weights [B]``.
     """
 
@@ -363,10 +367,14 @@ class AuxWeightNet(nn.Module, PyTorchModelHubMixin):
         hidden_size: int = 100,
         weight_scale: float = DEFAULT_AUX_WEIGHT_SCALE,
         init_bias: float = 0.0,
+        loss_scale: float = 1.0,
     ):
         super().__init__()
+        if not loss_scale > 0:
+            raise ValueError(f"loss_scale must be > 0, got {loss_scale}")
         self.num_sources = num_sources
         self.weight_scale = weight_scale
+        self.loss_scale = float(loss_scale)
         in_features = 1 + (num_sources if num_sources > 1 else 0)
         self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
         nn.init.zeros_(self.net[2].weight)  # start exactly at w = weight_scale · sigmoid(init_bias) for every example
@@ -380,7 +388,7 @@ class AuxWeightNet(nn.Module, PyTorchModelHubMixin):
         return math.log(init_weight / (weight_scale - init_weight))
 
     def forward(self, losses: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        x = [losses.float().reshape(-1, 1)]
+        x = [losses.float().reshape(-1, 1) / self.loss_scale]
         if self.num_sources > 1:
             if features is None:
                 features = F.one_hot(torch.zeros_like(losses, dtype=torch.long), self.num_sources)
@@ -391,6 +399,14 @@ class AuxWeightNet(nn.Module, PyTorchModelHubMixin):
 
 # ----------------------------------------------------------------------------------------------------------------
 # trainers
+
+
+def _uniform_mlm_loss(model: Any) -> float:
+    """ln(vocabulary size) of a multitask model (the MLM loss of a uniform guess); 1.0 where it has no embeddings."""
+    get = getattr(getattr(model, "classifier_model", model), "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    vocab = getattr(embeddings, "num_embeddings", 0)
+    return math.log(vocab) if vocab > 1 else 1.0
 
 
 def _ft_inputs(inputs: dict) -> dict:
@@ -463,9 +479,10 @@ class TartanTrainer(_TartanTrainerMixin, SAMATrainer):
     part: the per-example MLM loss is the reweighted loss (:meth:`compute_per_example_loss`), L_ft the λ-independent
     :meth:`extra_base_loss`; both come from one forward pass. Meta batches are end-task batches (``meta_dataset``, e.g.
     the end-task training split) and the meta loss is their CE (:meth:`compute_meta_loss`). The meta network is
-    called as ``meta_model(mlm_losses, onehot(aux_source))`` (default: :class:`AuxWeightNet` with ``num_sources``).
-    During training the weight every auxiliary example received is accumulated per ``aux_index``
-    (:meth:`training_weight_stats`).
+    called as ``meta_model(mlm_losses, onehot(aux_source))`` (default: :class:`AuxWeightNet` with ``num_sources``,
+    every weight starting at ``aux_init_weight``, the loss feature divided by ``aux_loss_scale``; default
+    ln(vocabulary size) of ``model``). During training the weight every auxiliary example received is accumulated
+    per ``aux_index`` (:meth:`training_weight_stats`).
     """
 
     _tag_names = SAMATrainer._tag_names + ["tartan", "masked-lm-auxiliary"]
@@ -476,10 +493,13 @@ class TartanTrainer(_TartanTrainerMixin, SAMATrainer):
         meta_model: nn.Module | None = None,
         num_sources: int = 1,
         aux_init_weight: float = 1.0,
+        aux_loss_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.num_sources = num_sources
         self.aux_init_bias = AuxWeightNet.init_bias_for(aux_init_weight)
+        model = kwargs.get("model", args[0] if args else None)
+        self.aux_loss_scale = _uniform_mlm_loss(model) if aux_loss_scale is None else aux_loss_scale
         self._base_step = False
         self._ft_loss: torch.Tensor | None = None
         self._step_weights: torch.Tensor | None = None
@@ -492,7 +512,10 @@ class TartanTrainer(_TartanTrainerMixin, SAMATrainer):
 
     def _default_meta_model(self, args, num_labels):  # SAMATrainer calls it on the instance
         return AuxWeightNet(
-            num_sources=self.num_sources, hidden_size=args.meta_hidden_size, init_bias=self.aux_init_bias
+            num_sources=self.num_sources,
+            hidden_size=args.meta_hidden_size,
+            init_bias=self.aux_init_bias,
+            loss_scale=self.aux_loss_scale,
         )
 
     def _features(self, inputs: dict) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import random
 import sys
@@ -223,6 +224,36 @@ def test_aux_weight_net_initial_weight(task_dir):
             recipe.TartanArguments(task_dir=task_dir, aux_init_weight=bad)
 
 
+def test_aux_weight_net_loss_scale_divides_the_loss_feature(task_dir):
+    torch.manual_seed(0)
+    raw = AuxWeightNet(num_sources=2)
+    torch.nn.init.normal_(raw.net[2].weight)  # a net whose output depends on the loss
+    scaled = AuxWeightNet(num_sources=2, loss_scale=8.0)
+    scaled.load_state_dict(raw.state_dict())
+    losses, sources = torch.rand(6) * 10, F.one_hot(torch.tensor([0, 1, 0, 1, 1, 0]), 2).float()
+    torch.testing.assert_close(scaled(losses, sources), raw(losses / 8.0, sources))
+    assert not torch.allclose(scaled(losses, sources), raw(losses, sources))
+    with pytest.raises(ValueError, match="loss_scale"):
+        AuxWeightNet(loss_scale=0.0)
+    with pytest.raises(ValueError, match="aux_loss_scale"):
+        recipe.TartanArguments(task_dir=task_dir, aux_loss_scale=-1.0)
+
+
+def test_tartan_trainer_scales_the_loss_feature_by_ln_vocab(tiny, tmp_path):
+    from sama_trainer import SAMAConfig
+    from sama_trainer.tartan import TartanTrainer
+
+    args, model, tokenizer, splits, names = tiny
+    train = recipe.load_task_datasets(args, tokenizer, {n: i for i, n in enumerate(names)}, splits)["train"]
+    config = SAMAConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", meta_objective="reweight")
+    vocab = model.encoder.get_input_embeddings().num_embeddings
+    common = dict(model=model, args=config, train_dataset=train, meta_dataset=train)
+    default = TartanTrainer(**common)
+    assert default.aux_loss_scale == pytest.approx(math.log(vocab)) and vocab > 100
+    assert default.meta_model.loss_scale == pytest.approx(math.log(vocab))
+    assert TartanTrainer(**common, aux_loss_scale=1.0).meta_model.loss_scale == 1.0
+
+
 def test_end_to_end_sama_with_head_warm_up_and_small_initial_weight(task_dir, tmp_path):
     extra = dict(save_final_model="false", aux_init_weight=0.1, mlm_head_warmup_steps=3, meta_learning_rate=1e-7)
     results, out = _run(task_dir, tmp_path, "sama", steps=2, **extra)
@@ -248,7 +279,7 @@ def _run(task_dir: str, tmp_path, method: str, steps: int, **extra):
 
 
 def test_end_to_end_sama_writes_results_weights_and_card(task_dir, tmp_path):
-    results, out = _run(task_dir, tmp_path, "sama", steps=6)
+    results, out = _run(task_dir, tmp_path, "sama", steps=6, logging_steps=2)
     assert out == str(tmp_path / "sama")
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
@@ -256,6 +287,12 @@ def test_end_to_end_sama_writes_results_weights_and_card(task_dir, tmp_path):
         assert saved[key] == results[key]
     assert saved["method"] == "sama" and saved["seed"] == 1 and saved["metric"] == "macro_f1"
     assert saved["meta_steps"] == 3 and saved["labels"] == ["A", "B", "C", "D"]
+    steps = [e["step"] for e in saved["weight_trajectory"]]
+    assert (
+        steps
+        and steps == sorted(steps)
+        and all(0 < e["weight_min"] <= e["weight_mean"] <= e["weight_max"] < 2 for e in saved["weight_trajectory"])
+    )
     with open(os.path.join(out, "aux_weights.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == saved["n_aux"]
@@ -267,6 +304,7 @@ def test_end_to_end_sama_writes_results_weights_and_card(task_dir, tmp_path):
     assert "Trained with SAMA" in card and "End-task-aware training (TARTAN)" in card
     clf = AutoModelForSequenceClassification.from_pretrained(out)  # the classifier is a plain HF model
     assert clf.config.num_labels == 4 and clf.config.id2label[3] == "D"
+    assert saved["aux_loss_scale"] == pytest.approx(math.log(clf.get_input_embeddings().num_embeddings))
     reloaded = TartanMultitaskModel.from_pretrained(out)
     assert reloaded.lm_head.decoder.weight is reloaded.encoder.get_input_embeddings().weight
 
