@@ -128,16 +128,13 @@ def _iter_diagonals(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor | None] | None,
     bias_correction: bool,
-    chunk: int | None = None,
 ):
-    """Yields (parameter index, flat slice or None, diagonal) for each parameter (or chunk of it)."""
+    """Yields (parameter index, diagonal) for each parameter, the rule applied to whole tensors."""
     opt = _unwrap(optimizer)
     rule = _find_rule(opt)
     group_of, grads = _checked_groups(opt, params, grads)
     for i, (p, g) in enumerate(zip(params, grads)):
-        group = group_of[id(p)]
-        for part, part_p, part_g, part_state in _parts(p, g, opt.state.get(p, {}), chunk):
-            yield i, part, rule(part_p, part_g, group, part_state, bias_correction)
+        yield i, rule(p, g, group_of[id(p)], opt.state.get(p, {}), bias_correction)
 
 
 @torch.no_grad()
@@ -159,16 +156,36 @@ def adaptation_diagonal(
             reference implementation does (it then matches that implementation up to where Adam's eps sits).
     """
     out = []
-    for i, _, diag in _iter_diagonals(optimizer, params, grads, bias_correction):
+    for i, diag in _iter_diagonals(optimizer, params, grads, bias_correction):
         out.append(diag if isinstance(diag, torch.Tensor) else torch.full_like(params[i], float(diag)))
+    return out
+
+
+def _step_counts(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[float | None]:
+    """Each parameter's optimizer step count (None where it has none), read with one host copy per device.
+
+    Fused and capturable optimizers keep ``step`` on the parameter's device: reading it parameter by parameter would
+    wait on the device once per tensor.
+    """
+    steps = [opt.state.get(p, {}).get("step") for p in params]
+    out = [None if s is None or isinstance(s, torch.Tensor) else float(s) for s in steps]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(steps):
+        if isinstance(s, torch.Tensor):
+            by_device.setdefault(s.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([steps[i].detach().reshape(()).to(torch.float64) for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
     return out
 
 
 class _Bucket:
     """Chunks that one foreach call adapts together (same param group, step count, device and dtype)."""
 
-    def __init__(self, group: dict) -> None:
-        self.group, self.targets, self.params, self.grads, self.states, self.numel = group, [], [], [], [], 0
+    def __init__(self, group: dict, step: float) -> None:
+        self.group, self.step = group, step
+        self.targets, self.params, self.grads, self.states, self.numel = [], [], [], [], 0
 
     def add(self, target: torch.Tensor, p: torch.Tensor, g: torch.Tensor | None, state: dict) -> None:
         self.targets.append(target)
@@ -184,16 +201,18 @@ def _bucketed_diagonals(optimizer, params, grads, tensors, bias_correction):
     rule = _find_rule(opt)
     foreach_rule = _FOREACH_RULES.get(rule)
     group_of, grads = _checked_groups(opt, params, grads)
+    steps = _step_counts(opt, params) if foreach_rule is not None else [None] * len(params)
     open_buckets: dict[tuple, _Bucket] = {}
-    for p, g, target in zip(params, grads, tensors):
+    for p, g, target, step in zip(params, grads, tensors, steps):
         group, state, chunk = group_of[id(p)], opt.state.get(p, {}), _chunk_elements(p)
-        key = foreach_rule.bucket_key(p, g, group, state) if foreach_rule is not None else None
+        eligible = step is not None and foreach_rule is not None and foreach_rule.accepts(p, g, group, state)
+        key = (id(group), step, p.device, p.dtype) if eligible else None
         for part, part_p, part_g, part_state in _parts(p, g, state, chunk):
             view = target if part is None else target.view(-1)[part]
             if key is None:
                 yield [view], [rule(part_p, part_g, group, part_state, bias_correction)]
                 continue
-            bucket = open_buckets.setdefault(key, _Bucket(group))
+            bucket = open_buckets.setdefault(key, _Bucket(group, step))
             bucket.add(view, part_p, part_g, part_state)
             if bucket.numel >= chunk:
                 del open_buckets[key]
@@ -310,43 +329,38 @@ class _AdamForeach:
     """:func:`_adam_rule` over a bucket of tensors with torch's multi-tensor (foreach) kernels.
 
     Covers the common case (float32/64, no amsgrad, decoupled or no weight decay); other parameters take the
-    per-tensor rule. Same formula; where s = 0 the second term is 0 (a 0/1 mask from sign(√s)), as there.
+    per-tensor rule. Same formula. Where s = 0 every past (1-β2)·g² underflowed, so |g|, |m| < ~1e-21 and g·m is 0
+    or subnormal: the denominator clamped at the smallest normal float keeps the second term at 0 (at most a few
+    1e-6, against a first term of (1-β1)/eps) without the per-tensor rule's explicit mask.
     """
 
-    def bucket_key(self, p, g, group, state) -> tuple | None:
+    @staticmethod
+    def accepts(p, g, group, state) -> bool:
         if "exp_avg" not in state or g is None or group.get("maximize", False) or group.get("amsgrad", False):
-            return None
+            return False
         if float(group.get("weight_decay", 0.0)) != 0.0 and not group.get("decoupled_weight_decay", False):
-            return None
-        if p.dtype not in (torch.float32, torch.float64) or g.dtype != p.dtype:
-            return None
-        if state["exp_avg"].dtype != p.dtype or state["exp_avg_sq"].dtype != p.dtype:
-            return None
-        step = state["step"]
-        return id(group), float(step.item() if isinstance(step, torch.Tensor) else step), p.device, p.dtype
+            return False
+        dtypes = {g.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype}
+        return p.dtype in (torch.float32, torch.float64) and dtypes == {p.dtype}
 
     def __call__(self, bucket: _Bucket, bias_correction: bool) -> list[torch.Tensor]:
-        group = bucket.group
+        group, t = bucket.group, bucket.step
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, lr = float(group["eps"]), _lr(group)
-        step = bucket.states[0]["step"]
-        t = float(step.item() if isinstance(step, torch.Tensor) else step)
         c1, c2 = (1.0 - beta1**t, (1.0 - beta2**t) ** 0.5) if bias_correction else (1.0, 1.0)
         m = [s["exp_avg"] for s in bucket.states]
         sqrt_s = torch._foreach_sqrt([s["exp_avg_sq"] for s in bucket.states])
         denom = torch._foreach_div(sqrt_s, c2)
         torch._foreach_add_(denom, eps)
-        # second = (1-β2)·g·m / (c2·√s·D²), 0 where s = 0 (then g = 0 as well)
+        # second = (1-β2)·g·m / (c2·√s·D²)
         second = torch._foreach_mul(bucket.grads, m)
         torch._foreach_mul_(second, (1.0 - beta2) / c2)
         below = torch._foreach_mul(denom, denom)
         torch._foreach_mul_(below, sqrt_s)
+        del sqrt_s
         torch._foreach_clamp_min_(below, torch.finfo(bucket.params[0].dtype).tiny)
         torch._foreach_div_(second, below)
         del below
-        torch._foreach_sign_(sqrt_s)
-        torch._foreach_mul_(second, sqrt_s)
-        del sqrt_s
         diag = torch._foreach_reciprocal(denom)
         del denom
         torch._foreach_mul_(diag, 1.0 - beta1)

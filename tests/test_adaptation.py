@@ -180,11 +180,14 @@ def test_bucketed_foreach_adam_equals_per_tensor_rule(consume, monkeypatch):
         lr=1e-2,
         weight_decay=0.05,
     )
-    for _ in range(3):
+    for k in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
             p.grad[..., 0] = 0.0  # never any gradient here: exp_avg_sq stays exactly 0
+        if k == 0:
+            params[4].grad = None  # one step fewer: its bias correction differs from its group's
         opt.step()
+    assert adaptation._step_counts(opt, params[3:] + [frozen_until_now]) == [3.0, 2.0, None]
     all_params = params + [frozen_until_now]
     grads = [p.grad for p in params] + [torch.randn(4, generator=gen, dtype=torch.float64)]
     assert (opt.state[params[0]]["exp_avg_sq"][..., 0] == 0).all()
@@ -197,7 +200,7 @@ def test_bucketed_foreach_adam_equals_per_tensor_rule(consume, monkeypatch):
         calls.append(len(bucket.targets))
         return foreach(bucket, bias_correction)
 
-    counting.bucket_key = foreach.bucket_key
+    counting.accepts = foreach.accepts
     monkeypatch.setitem(adaptation._FOREACH_RULES, adaptation._adam_rule, counting)
     monkeypatch.setattr(adaptation, "CHUNK_ELEMENTS", 100)  # 360 elements -> 4 chunks; buckets close at 100
     grads_in = [g.clone() for g in grads]
@@ -208,5 +211,5 @@ def test_bucketed_foreach_adam_equals_per_tensor_rule(consume, monkeypatch):
     assert whole[-1].eq(0).all() and out[-1].eq(0).all()  # unstepped: u did not depend on g
     assert whole[0][..., 0].ne(0).all()  # s = 0 entries keep the first term
     # both groups took the foreach path (the unstepped parameter did not); the first group's 360 + 7 + 15 elements
-    # fill 4 buckets, the second group's 11 + 4 one
-    assert sum(calls) >= len(shapes) and len(calls) == 5
+    # fill 4 buckets, the second group's two step counts one each
+    assert sum(calls) >= len(shapes) and len(calls) == 6
