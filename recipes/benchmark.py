@@ -383,6 +383,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "timed_steps": steps,
         "num_params": num_params,
         "hidden_size": config.hidden_size,
+        "attn_implementation": model.config._attn_implementation,  # what the model runs, not what was asked
         "device": str(device),
         "load_avg_1m": os.getloadavg()[0],
     }
@@ -1006,7 +1007,7 @@ def _benchmark(args: argparse.Namespace, launcher: WorkerLauncher, argv: list[st
             "methods": methods,
             "method_kwargs": spec["method_kwargs"],
             "bf16": args.bf16,
-            "attn_implementation": model_cfg._attn_implementation,
+            "attn_implementation": args.attn_implementation,
             "device": "cuda" if cuda else "cpu",
             "threads": threads,
             "cpu_count": os.cpu_count(),

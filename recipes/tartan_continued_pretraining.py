@@ -436,9 +436,10 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
     results["test_score"] = results["test"][args.metric_name]
     if args.method == "sama":
         results["meta_steps"] = trainer.meta_step_count
-        results["aux_loss_scale"] = trainer.aux_loss_scale
-        results["weight_trajectory"] = [  # the batch weights logged during training: do they saturate?
-            {"step": e["step"], **{k[5:]: e[k] for k in ("meta/weight_mean", "meta/weight_min", "meta/weight_max")}}
+        results["aux_loss_scale"] = trainer.meta_model.loss_scale
+        logged = ("weight_mean", "weight_min", "weight_max")  # the batch weights of each logging window
+        results["weight_trajectory"] = [  # do they saturate?
+            {"step": e["step"], **{k: e[f"meta/{k}"] for k in logged}}
             for e in trainer.state.log_history
             if "meta/weight_mean" in e
         ]

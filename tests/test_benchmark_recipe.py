@@ -43,7 +43,7 @@ def test_smoke_every_method_in_its_own_process(tmp_path):
         str(RECIPE),
         *("--model_config", "tiny", "--seq_len", "16", "--batch_size", "4"),
         *("--steps", "2", "--unroll_steps", "2", "--warmup_steps", "0", "--repeats", "1", "--threads", "1"),
-        *("--methods", ",".join(methods), "--no_cost_model"),
+        *("--methods", ",".join(methods), "--no_cost_model", "--attn_implementation", "eager"),
         *("--output", str(out), "--markdown", str(md), "--plot", str(png)),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -55,12 +55,13 @@ def test_smoke_every_method_in_its_own_process(tmp_path):
     cfg = report["config"]
     assert (cfg["model"]["num_hidden_layers"], cfg["model"]["hidden_size"]) == (2, 32)
     assert (cfg["seq_len"], cfg["batch_size"], cfg["steps"], cfg["unroll_steps"]) == (16, 4, 2, 2)
+    assert cfg["attn_implementation"] == "eager" and "eager attention" in md.read_text()
     assert list(report["methods"]) == methods
     for m in methods:
         entry = report["methods"][m]
         assert entry["samples_per_s"] > 0 and entry["peak_mem_mb"] > 0, (m, entry)
         run = report["runs"][m][0]
-        assert run["timed_steps"] == 2
+        assert run["timed_steps"] == 2 and run["attn_implementation"] == "eager"
         if m != "finetune":  # the meta step of step 2 lies inside the timed window
             assert run["meta_steps_timed"] == 1, (m, run)
     for key in REQUIRED_RATIOS:
