@@ -419,6 +419,7 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
         "n_aux": 0 if aux is None else len(aux),
         "aux_sources": sources,
         "global_steps": trainer.state.global_step,
+        "world_size": training_args.world_size,
         "train_loss": train_out.training_loss,
     }
     if warmup_losses:

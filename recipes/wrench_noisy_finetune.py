@@ -703,6 +703,7 @@ def run_method(
         "soft_labels": script_args.soft_labels,
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,
+        "world_size": args.world_size,
     }
     if sama_trainer is not None:
         results.update(

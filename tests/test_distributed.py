@@ -78,3 +78,36 @@ def test_communication_per_meta_step(ddp_results):
     assert restore["comm_bytes_per_meta_step"] == restore["lambda_bytes"]
     assert update["comm_calls_per_meta_step"] == 2  # + the base update θ ← θ - mean_r(ε_r·u_r)
     assert update["comm_bytes_per_meta_step"] == update["lambda_bytes"] + update["theta_bytes"]
+
+
+@pytest.mark.distributed
+def test_wrench_recipe_under_accelerate_launch_with_two_cpu_processes(tmp_path):
+    """The shipped multi-CPU accelerate config really starts 2 ranks, and the recipe writes its outputs once."""
+    from datasets import load_dataset
+
+    from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_weak_supervision, write_wrench_format
+
+    data_dir = write_wrench_format(
+        make_synthetic_weak_supervision(num_train=96, num_valid=40, num_test=32, num_classes=2, seed=3),
+        tmp_path / "tinyws",
+    )
+    root = os.path.dirname(os.path.dirname(__file__))
+    out = tmp_path / "out"
+    config = os.path.join(root, "recipes", "accelerate_configs", "multi_cpu.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    cmd += [f"--main_process_port={free_port()}"]
+    cmd += [os.path.join(root, "recipes", "wrench_noisy_finetune.py"), "--dataset_dir", str(data_dir)]
+    cmd += ["--model_name_or_path", "tiny-bert", "--output_dir", str(out), "--method", "sama_rc", "--max_steps", "4"]
+    cmd += ["--per_device_train_batch_size", "8", "--max_seq_length", "24", "--unroll_steps", "2", "--use_cpu", "true"]
+    cmd += ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["train_steps"] == 4 and results["meta_steps"] == 2
+    weights = load_dataset("json", data_files=str(out / "example_weights.jsonl"), split="train")
+    wrench = load_wrench(data_dir)
+    train = apply_label_model(wrench["train"], wrench.num_classes, tie_break="wrench")
+    assert weights["id"] == train["id"]  # every covered training example once, not once per rank
+    assert (out / "README.md").is_file() and (out / "weights_hist.png").is_file()
