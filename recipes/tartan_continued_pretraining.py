@@ -44,12 +44,13 @@ import numpy as np
 import yaml
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, RobertaConfig, set_seed
+from transformers import HfArgumentParser, PreTrainedTokenizerFast, RobertaConfig, set_seed
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sama_trainer import SAMAConfig  # noqa: E402
+from sama_trainer.pretrained import load_pretrained_tokenizer  # noqa: E402
 from sama_trainer.tartan import (  # noqa: E402
     AuxWeightNet,
     PairedDataset,
@@ -292,7 +293,7 @@ def build_model_and_tokenizer(
     if args.model_name_or_path == TINY_ROBERTA:
         tokenizer = train_tiny_tokenizer([r["text"] for r in splits["train"]], args.tiny_vocab_size)
         return TartanMultitaskModel.from_config(tiny_roberta_config(tokenizer, args, label_names)), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer = load_pretrained_tokenizer(args.model_name_or_path, builtin=(TINY_ROBERTA,))
     if tokenizer.mask_token is None:
         raise ValueError(f"{args.model_name_or_path}: the tokenizer has no mask token (needed for the MLM task)")
     layers = {} if args.num_hidden_layers is None else {"num_hidden_layers": args.num_hidden_layers}

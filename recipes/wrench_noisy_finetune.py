@@ -58,7 +58,6 @@ from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     DataCollatorWithPadding,
@@ -78,6 +77,7 @@ from sama_trainer.data import (
     subsample_per_class,
 )
 from sama_trainer.losses import per_example_cross_entropy
+from sama_trainer.pretrained import load_pretrained_tokenizer
 
 
 logger = logging.getLogger("wrench_noisy_finetune")
@@ -449,7 +449,7 @@ def build_tiny_bert(vocab_size: int, num_labels: int, max_positions: int = 512) 
 def load_tokenizer(model_name: str, data: WeakSupervisionData) -> Any:
     if model_name == TINY_MODEL:
         return build_word_tokenizer(list(data["train"]["text"]) + list(data["valid"]["text"]))
-    return AutoTokenizer.from_pretrained(model_name)
+    return load_pretrained_tokenizer(model_name, builtin=(TINY_MODEL,))
 
 
 def load_model(model_name: str, tokenizer: Any, label_names: list[str], seed: int) -> nn.Module:

@@ -365,3 +365,11 @@ def test_table_driver_aggregates(tmp_path):
         os.remove(os.path.join(table.run_dir(str(tmp_path), "sciie", "sama", seed), "results.json"))
     text = table.write_table(str(tmp_path))
     assert "| SAMA (learned w) | 61.00 ± 1.00 | 60.00 (n=1) | **60.50** |" in text
+
+
+def test_missing_model_error_names_the_fix(tmp_path):
+    args, _ = recipe.parse_args(
+        ["--task", "sciie", "--model_name_or_path", "sama-trainer-tests/no-such-model", "--output_dir", str(tmp_path)]
+    )
+    with pytest.raises(ValueError, match=f"--model_name_or_path .*'{recipe.TINY_ROBERTA}' \\(built in-process\\)"):
+        recipe.build_model_and_tokenizer(args, ["a", "b"], {"train": []})

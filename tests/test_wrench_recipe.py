@@ -139,6 +139,14 @@ def test_bad_inputs(recipe, wrench_dir, tmp_path):
     script_args, training_args = recipe.parse_args(["--output_dir", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--dataset_dir"):
         recipe.main(script_args, training_args)
+    (tmp_path / "empty_model").mkdir()
+    missing = [
+        ("sama-trainer-tests/no-such-model", "'tiny-bert' \\(built"),
+        (str(tmp_path / "empty_model"), "no loadable"),
+    ]
+    for model, message in missing:
+        with pytest.raises(ValueError, match=f"--model_name_or_path .*{message}"):
+            _run(recipe, wrench_dir, tmp_path / "o", "--method", "finetune", "--model_name_or_path", model)
 
 
 def test_synthetic_fallback(recipe, tmp_path):
