@@ -198,3 +198,35 @@ def test_tune_on_valid_fold_scores_the_other_half_of_valid(recipe, wrench_dir, t
     results = _run(recipe, wrench_dir, tmp_path, "--method", "finetune", "--tune_on_valid_fold", "1")
     assert results[0]["tune_on_valid_fold"] == 1
     assert results[0]["num_clean"] == len(clean1) and results[0]["num_test"] == len(score1)
+
+
+def test_dataset_name_picks_the_wrench_folder_of_a_hub_snapshot(recipe, wrench_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    for name in ("youtube", "sms"):
+        shutil.copytree(wrench_dir, snapshot / name)
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type, allow_patterns):
+        calls.append((repo_id, repo_type, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ValueError, match="found .*sms.*youtube.*set --dataset_config"):
+        recipe._hub_wrench_folder("org/wrench", None)
+    script_args, _ = recipe.parse_args(
+        ["--dataset_name", "org/wrench", "--dataset_config", "sms", "--output_dir", str(tmp_path / "o")]
+    )
+    data, name = recipe.load_data(script_args, 0)
+    assert calls[-1] == ("org/wrench", "dataset", ["*sms/*", "sms/*"])
+    assert name == "sms" and data["train"]["id"] == load_wrench(wrench_dir)["train"]["id"]
+
+    def offline(**kwargs):
+        raise OSError("offline and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="pass --dataset_dir PATH"):
+        recipe.load_data(script_args, 0)
