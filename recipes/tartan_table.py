@@ -32,8 +32,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from sama_trainer.reporting import replace_marked_block
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_MARKER = "tartan-table"  # --results_md writes between <!-- tartan-table --> and <!-- /tartan-table -->
 RECIPE = os.path.join(HERE, "tartan_continued_pretraining.py")
 TASKS = ("chemprot", "citation_intent", "hyperpartisan_news", "sciie")
 METHODS = ("finetune", "tartan_mt", "sama")
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--aggregate_only", action="store_true")
+    parser.add_argument(
+        "--results_md", default=None, help=f"also put the tables between the {RESULTS_MARKER!r} markers of this file"
+    )
     args = parser.parse_args(argv)
     if not args.aggregate_only:
         # seed-major order: a partial table still has every task and method
@@ -172,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             ]
             for future in futures:
                 print(future.result(), flush=True)
-    print(write_table(args.output_root))
+    text = write_table(args.output_root)
+    print(text)
+    if args.results_md:
+        replace_marked_block(args.results_md, RESULTS_MARKER, text.split("\n", 1)[1])  # without the "# ..." title
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sama_trainer.reporting import replace_marked_block
+
 
 RECIPES = Path(__file__).resolve().parent
+RESULTS_MARKER = "wrench-table"  # --results_md writes between <!-- wrench-table --> and <!-- /wrench-table -->
 RECIPE = RECIPES / "wrench_noisy_finetune.py"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 DEFAULT_METHODS = "finetune,finetune_clean,clean_only,cft,sama_na_r,sama_r,sama_rc,sama_rc_clean"
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--configs_dir", default=str(RECIPES / "configs"))
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument(
+        "--results_md", default=None, help=f"also put the table between the {RESULTS_MARKER!r} markers of this file"
+    )
     parser.add_argument("--collect_only", action="store_true", help="only build the table from existing results")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     parser.add_argument("--rerun", action="store_true", help="rerun runs that already have results.json")
@@ -154,6 +160,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(table, encoding="utf-8")
+    if args.results_md:
+        replace_marked_block(args.results_md, RESULTS_MARKER, table)
     return table
 
 

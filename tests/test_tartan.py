@@ -365,6 +365,12 @@ def test_table_driver_aggregates(tmp_path):
         os.remove(os.path.join(table.run_dir(str(tmp_path), "sciie", "sama", seed), "results.json"))
     text = table.write_table(str(tmp_path))
     assert "| SAMA (learned w) | 61.00 ± 1.00 | 60.00 (n=1) | **60.50** |" in text
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n<!-- tartan-table -->\nold\n<!-- /tartan-table -->\nnotes\n")
+    table.main(["--aggregate_only", "--output_root", str(tmp_path), "--results_md", str(doc)])
+    block = doc.read_text().split("<!-- tartan-table -->\n")[1].split("<!-- /tartan-table -->")[0]
+    assert block.strip() == text.split("\n", 1)[1].strip() and "# TARTAN table" not in block
+    assert doc.read_text().startswith("# Results\n") and doc.read_text().endswith("<!-- /tartan-table -->\nnotes\n")
 
 
 def test_missing_model_error_names_the_fix(tmp_path):

@@ -174,6 +174,15 @@ def test_table_driver_collects_results(tmp_path):
     assert "| youtube (accuracy) | all | 85.0 ± 7.1 (n=2) | – |" in md
     assert "| youtube (accuracy) | 10 | – | 95.0 (n=1) |" in md
     assert (tmp_path / "t.md").read_text() == md
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\nintro\n<!-- wrench-table -->\nold table\n<!-- /wrench-table -->\noutro\n")
+    for _ in range(2):  # regenerating replaces the block, it does not append
+        table.main(["--collect_only", "--output_root", str(tmp_path), "--results_md", str(doc)])
+    assert doc.read_text() == f"# Results\nintro\n<!-- wrench-table -->\n{md.strip()}\n<!-- /wrench-table -->\noutro\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="<!-- wrench-table -->"):
+        table.main(["--collect_only", "--output_root", str(tmp_path), "--results_md", str(doc)])
+    assert doc.read_text() == "no markers\n"
     args = argparse.Namespace(python="py", configs_dir="c", extra=["--x"])
     cmd = table.command(args, "trec", "10", "cft", 2, tmp_path)
     assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
