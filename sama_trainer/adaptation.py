@@ -174,7 +174,7 @@ def _step_counts(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> 
         if isinstance(s, torch.Tensor):
             by_device.setdefault(s.device, []).append(i)
     for idx in by_device.values():
-        values = torch.stack([steps[i].detach().reshape(()).to(torch.float64) for i in idx]).tolist()
+        values = torch.stack([steps[i].detach().reshape(()) for i in idx]).to(torch.float64).tolist()  # one cast
         for i, v in zip(idx, values):
             out[i] = v
     return out
