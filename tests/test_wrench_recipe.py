@@ -215,8 +215,9 @@ def test_dataset_name_picks_the_wrench_folder_of_a_hub_snapshot(recipe, wrench_d
     import huggingface_hub
 
     snapshot = tmp_path / "snapshot"
-    for name in ("youtube", "sms"):
-        shutil.copytree(wrench_dir, snapshot / name)
+    shutil.copytree(wrench_dir, snapshot / "sms")
+    other = make_synthetic_weak_supervision(num_train=30, num_valid=20, num_test=20, num_classes=2, seed=9)
+    write_wrench_format(other, snapshot / "youtube")  # a different data set: picking the wrong folder shows
     calls = []
 
     def fake_snapshot_download(repo_id, repo_type, allow_patterns):
@@ -232,6 +233,7 @@ def test_dataset_name_picks_the_wrench_folder_of_a_hub_snapshot(recipe, wrench_d
     data, name = recipe.load_data(script_args, 0)
     assert calls[-1] == ("org/wrench", "dataset", ["*sms/*", "sms/*"])
     assert name == "sms" and data["train"]["id"] == load_wrench(wrench_dir)["train"]["id"]
+    assert len(data["train"]) != len(load_wrench(snapshot / "youtube")["train"])
 
     def offline(**kwargs):
         raise OSError("offline and not cached")
