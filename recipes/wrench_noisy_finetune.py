@@ -715,6 +715,7 @@ def run_method(
             sama_alpha=args.sama_alpha,
             sama_base_update=args.sama_base_update,
             meta_weight_normalize=args.meta_weight_normalize,
+            meta_weight_normalize_by_class=args.meta_weight_normalize_by_class,
             meta_warmup_steps=args.meta_warmup_steps,
             meta_steps=sama_trainer.meta_step_count,
             meta_steps_skipped=sama_trainer.meta_steps_skipped,

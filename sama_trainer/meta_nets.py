@@ -18,7 +18,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
-__all__ = ["LabelCorrectionNet", "MetaWeightNet"]
+__all__ = ["LabelCorrectionNet", "MetaWeightNet", "normalize_weights_per_class"]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,21 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 def _work_dtype(module: nn.Module) -> torch.dtype:
     """The meta net's parameter dtype, at least float32 (inputs may come from a half-precision base model)."""
     return torch.promote_types(next(module.parameters()).dtype, torch.float32)
+
+
+def normalize_weights_per_class(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rescale ``weights`` [B] to mean 1 within each class of ``labels`` (class ids [B], or soft labels [B, C]: argmax).
+
+    Reweighting then only moves weight between examples of the same given class: the class balance of the
+    training labels is kept, whatever the weight net learns.
+    """
+    classes = labels.argmax(-1) if labels.dim() == 2 else labels.reshape(-1)
+    classes = classes.long().to(weights.device)
+    num = int(classes.max()) + 1 if classes.numel() else 0
+    sums = torch.zeros(num, dtype=weights.dtype, device=weights.device).index_add(0, classes, weights)
+    counts = torch.bincount(classes, minlength=num).to(weights.dtype)
+    means = (sums / counts.clamp_min(1)).clamp_min(1e-8)
+    return weights / means[classes]
 
 
 class MetaWeightNet(nn.Module, PyTorchModelHubMixin):

@@ -48,6 +48,10 @@ class SAMAConfig(TrainingArguments):
             Hidden width of the default meta networks.
         meta_weight_normalize (`bool`, defaults to `False`):
             Normalise the weights of each batch to mean 1 (default `MetaWeightNet` only).
+        meta_weight_normalize_by_class (`bool`, defaults to `False`):
+            Rescale the weights to mean 1 within each given class of the batch (any weight net): weights then only
+            move trust between examples of the same class and cannot shift the class balance of the training labels
+            (a loss-fed weight net otherwise tends to learn per-class weights, and can silence a minority class).
         correction_mix_noisy (`float`, defaults to `0.0`):
             MLC-style mixing of the corrected label with the noisy label (default `LabelCorrectionNet` only).
         correction_label_prior (`float`, defaults to `3.0`):
@@ -77,6 +81,9 @@ class SAMAConfig(TrainingArguments):
     )
     meta_hidden_size: int = field(default=100, metadata={"help": "Hidden width of the default meta networks."})
     meta_weight_normalize: bool = field(default=False, metadata={"help": "Normalise weights to batch mean 1."})
+    meta_weight_normalize_by_class: bool = field(
+        default=False, metadata={"help": "Normalise weights to mean 1 within each given class of the batch."}
+    )
     correction_mix_noisy: float = field(
         default=0.0, metadata={"help": "Mix corrected labels with the noisy label (MLC skip connection)."}
     )

@@ -23,7 +23,7 @@ from .adaptation import check_adaptation_supported
 from .losses import per_example_cross_entropy, soft_cross_entropy
 from .meta_data import MetaBatchStream
 from .meta_gradient import ADAPTIVE_METHODS, SECOND_ORDER_METHODS, meta_gradient
-from .meta_nets import LabelCorrectionNet, MetaWeightNet
+from .meta_nets import LabelCorrectionNet, MetaWeightNet, normalize_weights_per_class
 from .sama_config import SAMAConfig
 
 
@@ -285,9 +285,17 @@ class SAMATrainer(Trainer):
             losses = soft_cross_entropy(logits, corrected)
         weights = None
         if "reweight" in objective:
-            weights = self._meta_part("reweight")(losses.detach(), None if logits is None else logits.detach())
+            weights = self._example_weights(losses.detach(), None if logits is None else logits.detach(), labels)
             return (weights * losses).mean(), weights
         return losses.mean(), weights
+
+    def _example_weights(self, losses: torch.Tensor, logits: torch.Tensor | None, labels: Any) -> torch.Tensor:
+        weights = self._meta_part("reweight")(losses, logits)
+        if self.args.meta_weight_normalize_by_class:
+            if not isinstance(labels, torch.Tensor):
+                raise ValueError("meta_weight_normalize_by_class needs class labels (a tensor) in the batch")
+            weights = normalize_weights_per_class(weights, labels)
+        return weights
 
     @staticmethod
     def _pop_labels(inputs: dict) -> Any:
@@ -472,7 +480,7 @@ class SAMATrainer(Trainer):
                     losses = soft_cross_entropy(logits, corrected)
                 out["loss"] += losses.float().tolist()
                 if "reweight" in self.args.meta_objective:
-                    out["weight"] += self._meta_part("reweight")(losses, logits).float().tolist()
+                    out["weight"] += self._example_weights(losses, logits, labels).float().tolist()
         finally:
             model.train(was_training)
             self.meta_model.train(meta_was_training)

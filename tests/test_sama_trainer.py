@@ -14,6 +14,7 @@ from sama_trainer import (
     UnsupportedOptimizerError,
     load_meta_model,
 )
+from sama_trainer.meta_nets import normalize_weights_per_class
 
 
 def make_args(tmp_path, **overrides):
@@ -120,6 +121,48 @@ def test_example_weights_and_corrections_cover_the_dataset(tmp_path):
     assert len(out["weight"]) == len(out["loss"]) == len(out["corrected_label"]) == len(train)
     assert all(w >= 0 for w in out["weight"])
     assert all(abs(sum(p) - 1) < 1e-5 for p in out["corrected_probs"])
+
+
+def test_normalize_weights_per_class_matches_hand_computation():
+    weights = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0])
+    labels = torch.tensor([0, 0, 2, 2, 0])  # class 1 absent; class 0 mean 8/3, class 2 mean 4.5
+    expected = torch.tensor([3 / 8, 6 / 8, 3 / 4.5, 6 / 4.5, 15 / 8])
+    torch.testing.assert_close(normalize_weights_per_class(weights, labels), expected)
+    soft = torch.nn.functional.one_hot(labels, 3).float() * 0.8 + 0.2 / 3  # soft labels: their argmax is the class
+    torch.testing.assert_close(normalize_weights_per_class(weights, soft), expected)
+    scaled = weights * torch.tensor([2.0, 2.0, 7.0, 7.0, 2.0])  # a per-class factor changes nothing
+    torch.testing.assert_close(normalize_weights_per_class(scaled, labels), expected)
+
+
+class RecordingTrainer(SAMATrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def meta_objective(self, losses, logits, labels):
+        loss, weights = super().meta_objective(losses, logits, labels)
+        self.seen.append((weights.detach(), labels))
+        return loss, weights
+
+
+@pytest.mark.parametrize("objective", ["reweight", "reweight+correct"])
+def test_weights_normalized_by_class_in_every_pass_and_in_the_export(tmp_path, objective):
+    train, meta = datasets()
+    args = make_args(tmp_path, meta_objective=objective, meta_weight_normalize_by_class=True)
+    trainer = RecordingTrainer(tiny_bert(), args, train, meta)
+    meta_before = params_of(trainer.meta_model["reweight"] if "+" in objective else trainer.meta_model)
+    trainer.train()
+    assert len(trainer.seen) == 12 + 2 * 6  # every base step and both perturbed passes of each meta step
+    for weights, labels in trainer.seen:
+        for c in labels.unique():
+            assert weights[labels == c].mean().item() == pytest.approx(1.0, abs=1e-5)
+    after = trainer.meta_model["reweight"] if "+" in objective else trainer.meta_model
+    assert any(not torch.equal(meta_before[n], p) for n, p in after.named_parameters())  # meta-gradient flows
+    out = trainer.compute_example_weights(train, batch_size=len(train))
+    weights, labels = torch.tensor(out["weight"]), torch.tensor(train["labels"])
+    for c in labels.unique():
+        assert weights[labels == c].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert weights.std() > 0  # not the trivial all-ones answer
 
 
 # ------------------------------------------------------------------------------------------------------------
