@@ -32,7 +32,7 @@ def _work_dtype(module: nn.Module) -> torch.dtype:
 
 
 def normalize_weights_per_class(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Rescale ``weights`` [B] to mean 1 within each class of ``labels`` (class ids [B], or soft labels [B, C]: argmax).
+    """Rescale ``weights`` [B] to mean 1 within each class of ``labels`` (ids [B], or soft labels [B, C]: argmax).
 
     Reweighting then only moves weight between examples of the same given class: the class balance of the
     training labels is kept, whatever the weight net learns.
