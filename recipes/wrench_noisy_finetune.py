@@ -743,6 +743,22 @@ def _auroc(is_wrong: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(is_wrong, score))
 
 
+def within_class_auroc(is_wrong: np.ndarray, score: np.ndarray, classes: np.ndarray) -> float | None:
+    """AUROC of ``score`` for ``is_wrong`` within each class, averaged with the class sizes as weights.
+
+    Separates "the weights flag wrong labels" from "the weights differ between classes" (the overall AUROC mixes
+    both). Classes whose rows are all wrong or all right are left out; None if no class has both.
+    """
+    parts = [
+        (int(mask.sum()), auc)
+        for c in np.unique(classes)
+        if (auc := _auroc(is_wrong[mask := classes == c], score[mask])) is not None
+    ]
+    if not parts:
+        return None
+    return float(sum(n * auc for n, auc in parts) / sum(n for n, _ in parts))
+
+
 def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: PreparedData) -> dict[str, Any]:
     """How well the meta network finds wrong majority-vote labels (gold train labels used for diagnostics only)."""
     out: dict[str, Any] = {}
@@ -750,6 +766,7 @@ def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: 
     if "weight" in weights:
         w = np.asarray(weights["weight"])
         out["noise_auroc"] = _auroc(wrong, -w)  # a low weight should flag a wrong label
+        out["noise_auroc_within_class"] = within_class_auroc(wrong, -w, np.asarray(prep.train["weak_label"]))
         out["weight_mean_correct"] = float(w[mv_correct].mean()) if mv_correct.any() else None
         out["weight_mean_wrong"] = float(w[wrong].mean()) if wrong.any() else None
     if "corrected_label" in weights:

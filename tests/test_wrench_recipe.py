@@ -91,6 +91,7 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     assert results["train_steps"] == 4 and results["meta_steps"] == 2
     assert results["meta_objective"] == "reweight+correct" and results["meta_gradient"] == "sama"
     assert results["noise_auroc"] is None or 0.0 <= results["noise_auroc"] <= 1.0
+    assert results["noise_auroc_within_class"] is None or 0.0 <= results["noise_auroc_within_class"] <= 1.0
     assert results["num_clean"] == 40  # default: the whole valid split
     # weights file: loadable with datasets, one row per covered training example, aligned with the ids
     weights = load_dataset("json", data_files=str(tmp_path / "example_weights.jsonl"), split="train")
@@ -169,10 +170,13 @@ def test_table_driver_collects_results(tmp_path):
         out.mkdir(parents=True)
         row = {"method": method, "dataset": "youtube", "seed": seed, "metric_name": "accuracy", "test_metric": value}
         row.update(valid_metric=value, train_steps=5, train_seconds=2.0, clean_per_class=k, noise_auroc=None)
+        if method == "sama_r":
+            row.update(noise_auroc=0.7, noise_auroc_within_class=0.6)
         (out / "results.json").write_text(json.dumps(row))
     md = table.main(["--collect_only", "--output_root", str(tmp_path), "--markdown", str(tmp_path / "t.md")])
     assert "| youtube (accuracy) | all | 85.0 ± 7.1 (n=2) | – |" in md
     assert "| youtube (accuracy) | 10 | – | 95.0 (n=1) |" in md
+    assert "| youtube | 10 | – | 0.700 / 0.600 |" in md and "| youtube | all | – | – |" in md
     assert (tmp_path / "t.md").read_text() == md
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\nintro\n<!-- wrench-table -->\nold table\n<!-- /wrench-table -->\noutro\n")
@@ -241,3 +245,16 @@ def test_dataset_name_picks_the_wrench_folder_of_a_hub_snapshot(recipe, wrench_d
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(RuntimeError, match="pass --dataset_dir PATH"):
         recipe.load_data(script_args, 0)
+
+
+def test_within_class_auroc_separates_flagging_from_class_weights(recipe):
+    # class 0: scores rank its one wrong row first (AUROC 1); class 1: ranked last (AUROC 0); class 2: all right
+    wrong = np.array([1, 0, 0, 0, 0, 1, 0, 0], dtype=bool)
+    score = np.array([0.9, 0.8, 0.1, 0.9, 0.95, 0.2, 0.0, 0.5])
+    classes = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    assert recipe.within_class_auroc(wrong, score, classes) == pytest.approx((3 * 1.0 + 3 * 0.0) / 6)
+    # a per-class score offset moves the overall AUROC but not the within-class one
+    shifted = score + 10.0 * (classes == 1)
+    assert recipe.within_class_auroc(wrong, shifted, classes) == recipe.within_class_auroc(wrong, score, classes)
+    assert recipe._auroc(wrong, shifted) != recipe._auroc(wrong, score)
+    assert recipe.within_class_auroc(wrong[6:], score[6:], classes[6:]) is None
