@@ -509,6 +509,11 @@ class TartanTrainer(_TartanTrainerMixin, SAMATrainer):
         self._tartan_setup()
         if self.args.meta_objective != "reweight":
             raise ValueError("TartanTrainer learns example weights only: use meta_objective='reweight'")
+        if self.args.meta_weight_normalize_by_class:
+            raise ValueError(
+                "meta_weight_normalize_by_class has no classes to use in TartanTrainer (the weighted loss is the "
+                "auxiliary MLM loss): set it to False"
+            )
 
     def _default_meta_model(self, args, num_labels):  # SAMATrainer calls it on the instance
         return AuxWeightNet(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -252,6 +253,9 @@ def test_tartan_trainer_scales_the_loss_feature_by_ln_vocab(tiny, tmp_path):
     assert default.aux_loss_scale == pytest.approx(math.log(vocab)) and vocab > 100
     assert default.meta_model.loss_scale == pytest.approx(math.log(vocab))
     assert TartanTrainer(**common, aux_loss_scale=1.0).meta_model.loss_scale == 1.0
+    by_class = dataclasses.replace(config, meta_weight_normalize_by_class=True)
+    with pytest.raises(ValueError, match="meta_weight_normalize_by_class.*set it to False"):
+        TartanTrainer(**{**common, "args": by_class})
 
 
 def test_end_to_end_sama_with_head_warm_up_and_small_initial_weight(task_dir, tmp_path):
