@@ -766,7 +766,12 @@ def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: 
     if "weight" in weights:
         w = np.asarray(weights["weight"])
         out["noise_auroc"] = _auroc(wrong, -w)  # a low weight should flag a wrong label
-        out["noise_auroc_within_class"] = within_class_auroc(wrong, -w, np.asarray(prep.train["weak_label"]))
+        weak = np.asarray(prep.train["weak_label"])
+        out["noise_auroc_within_class"] = within_class_auroc(wrong, -w, weak)
+        # a weight net fed the loss alone can learn per-class weights (and silence a class): visible here
+        out["weight_mean_by_given_class"] = {
+            name: float(w[weak == c].mean()) for c, name in enumerate(prep.label_names) if (weak == c).any()
+        }
         out["weight_mean_correct"] = float(w[mv_correct].mean()) if mv_correct.any() else None
         out["weight_mean_wrong"] = float(w[wrong].mean()) if wrong.any() else None
     if "corrected_label" in weights:

@@ -101,6 +101,9 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     assert weights["label"] == train["label"]
     w = np.asarray(weights["weight"])
     assert np.isfinite(w).all() and (w >= 0).all() and abs(w.mean() - 1.0) < 1e-4  # batch-normalised weights
+    weak = np.asarray(weights["weak_label"])
+    by_class = results["weight_mean_by_given_class"]
+    assert by_class == pytest.approx({name: w[weak == c].mean() for c, name in enumerate(data.label_names)})
     assert set(weights["corrected_label"]) <= {0, 1} and len(weights["corrected_probs"][0]) == 2
     assert (tmp_path / "weights_hist.png").stat().st_size > 0
     card = (tmp_path / "README.md").read_text()
