@@ -261,3 +261,11 @@ def test_within_class_auroc_separates_flagging_from_class_weights(recipe):
     assert recipe.within_class_auroc(wrong, shifted, classes) == recipe.within_class_auroc(wrong, score, classes)
     assert recipe._auroc(wrong, shifted) != recipe._auroc(wrong, score)
     assert recipe.within_class_auroc(wrong[6:], score[6:], classes[6:]) is None
+
+
+@pytest.mark.parametrize("name", ["demo", "wrench_youtube", "wrench_sms", "wrench_trec", "wrench_chemprot"])
+def test_shipped_configs_parse(recipe, name):
+    """Every key of the shipped YAML configs is an option of the recipe (a typo would be an error here)."""
+    script_args, training_args = recipe.parse_args(["--config", str(RECIPE.parent / "configs" / f"{name}.yaml")])
+    assert training_args.meta_weight_normalize and training_args.meta_weight_normalize_by_class
+    assert script_args.correction_meta_learning_rate == 1e-2
