@@ -759,6 +759,24 @@ def within_class_auroc(is_wrong: np.ndarray, score: np.ndarray, classes: np.ndar
     return float(sum(n * auc for n, auc in parts) / sum(n for n, _ in parts))
 
 
+def whole_class_relabels(
+    weak: np.ndarray, corrected: np.ndarray, label_names: list[str], share: float = 0.9
+) -> dict[str, str]:
+    """Given classes whose rows the correction net mapped (``share`` or more of them) to one other class.
+
+    A class-level relabelling (the net learned "class A means class B" from the given label alone) is the failure
+    mode of label correction seen on trec and youtube (RESULTS.md); this names it.
+    """
+    out = {}
+    for c, name in enumerate(label_names):
+        rows = corrected[weak == c]
+        if rows.size:
+            top = np.bincount(rows, minlength=len(label_names)).argmax()
+            if top != c and (rows == top).mean() >= share:
+                out[name] = label_names[top]
+    return out
+
+
 def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: PreparedData) -> dict[str, Any]:
     """How well the meta network finds wrong majority-vote labels (gold train labels used for diagnostics only)."""
     out: dict[str, Any] = {}
@@ -781,6 +799,14 @@ def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: 
         out["correction_auroc"] = _auroc(wrong, -probs[np.arange(len(weak)), weak])
         out["corrected_accuracy"] = float((corrected == np.asarray(prep.train["label"])).mean())
         out["corrected_changed"] = float((corrected != weak).mean())
+        out["relabelled_classes"] = whole_class_relabels(weak, corrected, prep.label_names)
+        for given, to in out["relabelled_classes"].items():
+            logger.warning(
+                "label correction relabelled almost every %r row as %r (a class-level relabelling, not a correction"
+                " of single examples; see RESULTS.md); try a smaller --correction_meta_learning_rate or sama_r",
+                given,
+                to,
+            )
     return out
 
 

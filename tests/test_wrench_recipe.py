@@ -269,3 +269,15 @@ def test_shipped_configs_parse(recipe, name):
     script_args, training_args = recipe.parse_args(["--config", str(RECIPE.parent / "configs" / f"{name}.yaml")])
     assert training_args.meta_weight_normalize and training_args.meta_weight_normalize_by_class
     assert script_args.correction_meta_learning_rate == 1e-2
+
+
+def test_whole_class_relabels_names_only_class_level_relabelling(recipe):
+    names = ["a", "b", "c"]
+    weak = np.array([0] * 10 + [1] * 10 + [2] * 4)
+    corrected = np.array([2] * 10 + [1] * 5 + [0] * 5 + [2] * 4)  # a -> c entirely; half of b moved: not class-level
+    assert recipe.whole_class_relabels(weak, corrected, names) == {"a": "c"}
+    corrected[0] = 0  # 90% of a still goes to c
+    assert recipe.whole_class_relabels(weak, corrected, names) == {"a": "c"}
+    corrected[1] = 1  # 80%: below the share
+    assert recipe.whole_class_relabels(weak, corrected, names) == {}
+    assert recipe.whole_class_relabels(weak, weak.copy(), names) == {}
