@@ -31,19 +31,24 @@ def _work_dtype(module: nn.Module) -> torch.dtype:
     return torch.promote_types(next(module.parameters()).dtype, torch.float32)
 
 
-def normalize_weights_per_class(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def normalize_weights_per_class(
+    weights: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
+) -> torch.Tensor:
     """Rescale ``weights`` [B] to mean 1 within each class of ``labels`` (ids [B], or soft labels [B, C]: argmax).
 
     Reweighting then only moves weight between examples of the same given class: the class balance of the
-    training labels is kept, whatever the weight net learns.
+    training labels is kept, whatever the weight net learns. ``num_classes`` (default: the width of soft labels,
+    else read from the ids, which costs a device-to-host sync) sizes the per-class sums.
     """
-    classes = labels.argmax(-1) if labels.dim() == 2 else labels.reshape(-1)
-    classes = classes.long().to(weights.device)
-    num = int(classes.max()) + 1 if classes.numel() else 0
-    sums = torch.zeros(num, dtype=weights.dtype, device=weights.device).index_add(0, classes, weights)
-    counts = torch.bincount(classes, minlength=num).to(weights.dtype)
-    means = (sums / counts.clamp_min(1)).clamp_min(1e-8)
-    return weights / means[classes]
+    if labels.dim() == 2:
+        num_classes = num_classes or labels.shape[-1]
+        labels = labels.argmax(-1)
+    classes = labels.reshape(-1).long().to(weights.device)
+    if num_classes is None:
+        num_classes = int(classes.max()) + 1 if classes.numel() else 0
+    sums = weights.new_zeros(num_classes).index_add(0, classes, weights)
+    counts = weights.new_zeros(num_classes).index_add(0, classes, torch.ones_like(weights))
+    return weights / (sums / counts.clamp_min(1)).clamp_min(1e-8)[classes]
 
 
 class MetaWeightNet(nn.Module, PyTorchModelHubMixin):

@@ -294,7 +294,7 @@ class SAMATrainer(Trainer):
         if self.args.meta_weight_normalize_by_class:
             if not isinstance(labels, torch.Tensor):
                 raise ValueError("meta_weight_normalize_by_class needs class labels (a tensor) in the batch")
-            weights = normalize_weights_per_class(weights, labels)
+            weights = normalize_weights_per_class(weights, labels, None if logits is None else logits.shape[-1])
         return weights
 
     @staticmethod

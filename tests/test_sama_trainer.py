@@ -128,6 +128,8 @@ def test_normalize_weights_per_class_matches_hand_computation():
     labels = torch.tensor([0, 0, 2, 2, 0])  # class 1 absent; class 0 mean 8/3, class 2 mean 4.5
     expected = torch.tensor([3 / 8, 6 / 8, 3 / 4.5, 6 / 4.5, 15 / 8])
     torch.testing.assert_close(normalize_weights_per_class(weights, labels), expected)
+    for num_classes in (3, 5):  # sized from the model's classes (no host sync): same answer
+        torch.testing.assert_close(normalize_weights_per_class(weights, labels, num_classes), expected)
     soft = torch.nn.functional.one_hot(labels, 3).float() * 0.8 + 0.2 / 3  # soft labels: their argmax is the class
     torch.testing.assert_close(normalize_weights_per_class(weights, soft), expected)
     scaled = weights * torch.tensor([2.0, 2.0, 7.0, 7.0, 2.0])  # a per-class factor changes nothing
