@@ -780,11 +780,10 @@ def whole_class_relabels(
 def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: PreparedData) -> dict[str, Any]:
     """How well the meta network finds wrong majority-vote labels (gold train labels used for diagnostics only)."""
     out: dict[str, Any] = {}
-    wrong = ~mv_correct
+    wrong, weak = ~mv_correct, np.asarray(prep.train["weak_label"])
     if "weight" in weights:
         w = np.asarray(weights["weight"])
         out["noise_auroc"] = _auroc(wrong, -w)  # a low weight should flag a wrong label
-        weak = np.asarray(prep.train["weak_label"])
         out["noise_auroc_within_class"] = within_class_auroc(wrong, -w, weak)
         # a weight net fed the loss alone can learn per-class weights (and silence a class): visible here
         out["weight_mean_by_given_class"] = {
@@ -795,7 +794,6 @@ def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: 
     if "corrected_label" in weights:
         corrected = np.asarray(weights["corrected_label"])
         probs = np.asarray(weights["corrected_probs"])
-        weak = np.asarray(prep.train["weak_label"])
         out["correction_auroc"] = _auroc(wrong, -probs[np.arange(len(weak)), weak])
         out["corrected_accuracy"] = float((corrected == np.asarray(prep.train["label"])).mean())
         out["corrected_changed"] = float((corrected != weak).mean())

@@ -98,9 +98,12 @@ def _mean_std(values: list[float], scale: float = 100.0) -> str:
 AUROC_KEYS = ("noise_auroc", "noise_auroc_within_class")
 
 
-def _mean_of(rows: list[dict[str, Any]], key: str) -> str:
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    return f"{statistics.fmean(vals):.3f}" if vals else "–"
+def _auroc_cell(rows: list[dict[str, Any]]) -> str:
+    """'overall / within-class' mean noise AUROC over seeds; '–' where a run has neither."""
+    means = [[r[key] for r in rows if r.get(key) is not None] for key in AUROC_KEYS]
+    if not any(means):
+        return "–"
+    return " / ".join(f"{statistics.fmean(vals):.3f}" if vals else "–" for vals in means)
 
 
 def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
@@ -125,8 +128,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
             for m in order
         ]
         times.append(f"| {dataset} | {k} | " + " | ".join(secs) + " |")
-        auc = [" / ".join(_mean_of(by_method.get(m, []), key) for key in AUROC_KEYS) for m in order]
-        auc = ["–" if cell == "– / –" else cell for cell in auc]
+        auc = [_auroc_cell(by_method.get(m, [])) for m in order]
         aurocs.append(f"| {dataset} | {k} | " + " | ".join(auc) + " |")
     return (
         "Test metric ×100 (accuracy; binary F1 for sms), mean ± std over seeds:\n\n"

@@ -251,16 +251,17 @@ def test_dataset_name_picks_the_wrench_folder_of_a_hub_snapshot(recipe, wrench_d
 
 
 def test_within_class_auroc_separates_flagging_from_class_weights(recipe):
-    # class 0: scores rank its one wrong row first (AUROC 1); class 1: ranked last (AUROC 0); class 2: all right
-    wrong = np.array([1, 0, 0, 0, 0, 1, 0, 0], dtype=bool)
-    score = np.array([0.9, 0.8, 0.1, 0.9, 0.95, 0.2, 0.0, 0.5])
-    classes = np.array([0, 0, 0, 1, 1, 1, 2, 2])
-    assert recipe.within_class_auroc(wrong, score, classes) == pytest.approx((3 * 1.0 + 3 * 0.0) / 6)
+    # class 0 (4 rows): scores rank its one wrong row first (AUROC 1); class 1 (3 rows): ranked last (AUROC 0);
+    # class 2: all right, left out. Size-weighted mean 4/7 (an unweighted mean would give 1/2).
+    wrong = np.array([1, 0, 0, 0, 0, 0, 1, 0, 0], dtype=bool)
+    score = np.array([0.9, 0.8, 0.1, 0.3, 0.9, 0.95, 0.2, 0.0, 0.5])
+    classes = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    assert recipe.within_class_auroc(wrong, score, classes) == pytest.approx((4 * 1.0 + 3 * 0.0) / 7)
     # a per-class score offset moves the overall AUROC but not the within-class one
     shifted = score + 10.0 * (classes == 1)
     assert recipe.within_class_auroc(wrong, shifted, classes) == recipe.within_class_auroc(wrong, score, classes)
     assert recipe._auroc(wrong, shifted) != recipe._auroc(wrong, score)
-    assert recipe.within_class_auroc(wrong[6:], score[6:], classes[6:]) is None
+    assert recipe.within_class_auroc(wrong[7:], score[7:], classes[7:]) is None
 
 
 @pytest.mark.parametrize("name", ["demo", "wrench_youtube", "wrench_sms", "wrench_trec", "wrench_chemprot"])
