@@ -67,7 +67,7 @@ from transformers import (
     set_seed,
 )
 
-from sama_trainer import LabelCorrectionNet, MetaWeightNet, SAMAConfig, SAMATrainer
+from sama_trainer import BootstrapCorrectionNet, LabelCorrectionNet, MetaWeightNet, SAMAConfig, SAMATrainer
 from sama_trainer.data import (
     WeakSupervisionData,
     apply_label_model,
@@ -507,6 +507,10 @@ def build_meta_model(args: SAMAConfig, script_args: ScriptArguments, num_labels:
         )
 
     def correct() -> nn.Module:
+        if args.correction_type == "bootstrap":
+            return BootstrapCorrectionNet(
+                num_labels, hidden_size=args.meta_hidden_size, label_prior=args.correction_label_prior
+            )
         return LabelCorrectionNet(
             num_labels,
             hidden_size=args.meta_hidden_size,
@@ -716,6 +720,7 @@ def run_method(
             sama_base_update=args.sama_base_update,
             meta_weight_normalize=args.meta_weight_normalize,
             meta_weight_normalize_by_class=args.meta_weight_normalize_by_class,
+            correction_type=args.correction_type if "correct" in args.meta_objective else None,
             meta_warmup_steps=args.meta_warmup_steps,
             meta_steps=sama_trainer.meta_step_count,
             meta_steps_skipped=sama_trainer.meta_steps_skipped,

@@ -18,7 +18,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
-__all__ = ["LabelCorrectionNet", "MetaWeightNet", "normalize_weights_per_class"]
+__all__ = ["BootstrapCorrectionNet", "LabelCorrectionNet", "MetaWeightNet", "normalize_weights_per_class"]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -134,3 +134,51 @@ class LabelCorrectionNet(nn.Module, PyTorchModelHubMixin):
         if self.mix_noisy:
             corrected = self.mix_noisy * noisy + (1.0 - self.mix_noisy) * corrected
         return corrected
+
+
+class BootstrapCorrectionNet(nn.Module, PyTorchModelHubMixin):
+    """Label correction towards the base model's own prediction (meta-learned bootstrapping).
+
+    ``corrected = (1 - β)·onehot(label) + β·prediction`` with ``prediction = softmax(logits)`` (or its one-hot argmax
+    with ``hard_prediction``) and a per-example ``β = sigmoid(MLP([prediction, onehot(label), p_label]) -
+    label_prior)``, where ``p_label`` is the probability the model gives the label. The corrected label always lies
+    between the given label and what the model predicts for that example: it can correct single examples but cannot
+    map a whole given class to a class the model does not predict, which the free :class:`LabelCorrectionNet` can.
+
+    Args:
+        num_labels: number of classes C.
+        hidden_size: hidden width of the MLP.
+        label_prior: initial trust in the given label: β starts at ``sigmoid(-label_prior)``.
+        hard_prediction: mix in the model's argmax class (hard bootstrapping) instead of its probabilities.
+    """
+
+    def __init__(
+        self, num_labels: int, hidden_size: int = 64, label_prior: float = 3.0, hard_prediction: bool = False
+    ):
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError("BootstrapCorrectionNet needs num_labels >= 2")
+        self.num_labels = num_labels
+        self.hard_prediction = hard_prediction
+        self.net = nn.Sequential(nn.Linear(2 * num_labels + 1, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+        self.label_prior = nn.Parameter(torch.tensor(float(label_prior)))
+
+    def mixing(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """β [B]: the share of the model's prediction in the corrected label."""
+        noisy = self._noisy(labels)
+        probs = F.softmax(logits.to(noisy.dtype), dim=-1)
+        agreement = (probs * noisy).sum(-1, keepdim=True)
+        return torch.sigmoid(self.net(torch.cat([probs, noisy, agreement], dim=-1)).squeeze(-1) - self.label_prior)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        noisy = self._noisy(labels)
+        probs = F.softmax(logits.to(noisy.dtype), dim=-1)
+        prediction = F.one_hot(probs.argmax(-1), self.num_labels).to(noisy.dtype) if self.hard_prediction else probs
+        beta = self.mixing(logits, labels).unsqueeze(-1)
+        return (1.0 - beta) * noisy + beta * prediction
+
+    def _noisy(self, labels: torch.Tensor) -> torch.Tensor:
+        dtype = _work_dtype(self)
+        return labels.to(dtype) if labels.dim() == 2 else F.one_hot(labels.long(), self.num_labels).to(dtype)

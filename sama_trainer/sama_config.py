@@ -11,6 +11,7 @@ from .meta_gradient import available_methods
 
 
 META_OBJECTIVES = ("reweight", "correct", "reweight+correct")
+CORRECTION_TYPES = ("free", "bootstrap")
 
 
 @dataclass
@@ -52,10 +53,15 @@ class SAMAConfig(TrainingArguments):
             Rescale the weights to mean 1 within each given class of the batch (any weight net): weights then only
             move trust between examples of the same class and cannot shift the class balance of the training labels
             (a loss-fed weight net otherwise tends to learn per-class weights, and can silence a minority class).
+        correction_type (`str`, defaults to `"free"`):
+            Default label-correction net: `"free"` ([`LabelCorrectionNet`]: any soft label from the model's logits and
+            the given label) or `"bootstrap"` ([`BootstrapCorrectionNet`]: a per-example mix of the given label and
+            the model's own prediction, which cannot relabel a whole class to a class the model does not predict).
         correction_mix_noisy (`float`, defaults to `0.0`):
             MLC-style mixing of the corrected label with the noisy label (default `LabelCorrectionNet` only).
         correction_label_prior (`float`, defaults to `3.0`):
-            Initial trust in the given label of the default `LabelCorrectionNet` (logit bonus).
+            Initial trust in the given label of the default correction net (logit bonus of the given label for
+            `"free"`; the mix starts at sigmoid(-prior) for `"bootstrap"`).
     """
 
     meta_gradient: str = field(default="sama", metadata={"help": "Meta-gradient method: sama, sama-na, ..."})
@@ -84,6 +90,10 @@ class SAMAConfig(TrainingArguments):
     meta_weight_normalize_by_class: bool = field(
         default=False, metadata={"help": "Normalise weights to mean 1 within each given class of the batch."}
     )
+    correction_type: str = field(
+        default="free",
+        metadata={"help": "Default label-correction net: free | bootstrap", "choices": CORRECTION_TYPES},
+    )
     correction_mix_noisy: float = field(
         default=0.0, metadata={"help": "Mix corrected labels with the noisy label (MLC skip connection)."}
     )
@@ -110,6 +120,10 @@ class SAMAConfig(TrainingArguments):
             raise ValueError(f"meta_batch_size must be >= 1 (got {self.meta_batch_size})")
         if self.meta_warmup_steps < 0:
             raise ValueError("meta_warmup_steps must be >= 0")
+        if self.correction_type not in CORRECTION_TYPES:
+            raise ValueError(f"correction_type must be one of {CORRECTION_TYPES}, got {self.correction_type!r}")
+        if self.correction_mix_noisy and self.correction_type != "free":
+            raise ValueError("correction_mix_noisy applies to correction_type='free' only; set it to 0")
         if not 0.0 <= self.correction_mix_noisy <= 1.0:
             raise ValueError("correction_mix_noisy must be in [0, 1]")
         super().__post_init__()

@@ -23,7 +23,7 @@ from .adaptation import check_adaptation_supported
 from .losses import per_example_cross_entropy, soft_cross_entropy
 from .meta_data import MetaBatchStream
 from .meta_gradient import ADAPTIVE_METHODS, SECOND_ORDER_METHODS, meta_gradient
-from .meta_nets import LabelCorrectionNet, MetaWeightNet, normalize_weights_per_class
+from .meta_nets import BootstrapCorrectionNet, LabelCorrectionNet, MetaWeightNet, normalize_weights_per_class
 from .sama_config import SAMAConfig
 
 
@@ -218,6 +218,10 @@ class SAMATrainer(Trainer):
         def correct() -> nn.Module:
             if not num_labels or num_labels < 2:
                 raise ValueError("label correction needs model.config.num_labels >= 2 or an explicit meta_model")
+            if args.correction_type == "bootstrap":
+                return BootstrapCorrectionNet(
+                    num_labels, hidden_size=args.meta_hidden_size, label_prior=args.correction_label_prior
+                )
             return LabelCorrectionNet(
                 num_labels,
                 hidden_size=args.meta_hidden_size,
@@ -592,8 +596,6 @@ def save_meta_model(meta_model: nn.Module, path: str) -> None:
 
 def load_meta_model(path: str, meta_model: nn.Module | None = None) -> nn.Module:
     """Load a meta network saved by :class:`SAMATrainer` (pass ``meta_model`` for user modules without a config)."""
-    from .meta_nets import LabelCorrectionNet, MetaWeightNet
-
     if meta_model is not None:
         if isinstance(meta_model, nn.ModuleDict):
             for key in meta_model:
@@ -613,5 +615,8 @@ def load_meta_model(path: str, meta_model: nn.Module | None = None) -> nn.Module
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    cls = LabelCorrectionNet if "num_labels" in config else MetaWeightNet
+    if "hard_prediction" in config:
+        cls = BootstrapCorrectionNet
+    else:
+        cls = LabelCorrectionNet if "num_labels" in config else MetaWeightNet
     return cls.from_pretrained(path)

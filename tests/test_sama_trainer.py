@@ -8,6 +8,7 @@ from helpers import sama_args, tiny_bert, train_and_meta
 from transformers import TrainerCallback
 
 from sama_trainer import (
+    BootstrapCorrectionNet,
     LabelCorrectionNet,
     MetaWeightNet,
     SAMATrainer,
@@ -113,6 +114,22 @@ def test_save_model_writes_loadable_meta_net_and_model_card(tmp_path):
     assert "- sama" in card and "[](https://huggingface.co/)" not in card
 
 
+def test_bootstrap_correction_learns_saves_and_loads(tmp_path):
+    train, meta = datasets()
+    args = make_args(tmp_path, meta_objective="reweight+correct", correction_type="bootstrap")
+    trainer = SAMATrainer(tiny_bert(), args, train, meta)
+    correct = trainer.meta_model["correct"]
+    assert isinstance(correct, BootstrapCorrectionNet)
+    before = params_of(correct)
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in correct.named_parameters())  # meta-gradient reaches it
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = load_meta_model(str(tmp_path / "saved" / "sama_meta_model"))["correct"]
+    assert isinstance(loaded, BootstrapCorrectionNet)
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    torch.testing.assert_close(loaded(logits, labels), correct.cpu()(logits, labels))
+
+
 def test_example_weights_and_corrections_cover_the_dataset(tmp_path):
     train, meta = datasets()
     trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_objective="reweight+correct"), train, meta)
@@ -190,6 +207,10 @@ def test_unknown_method_and_bad_unroll(tmp_path):
         make_args(tmp_path, unroll_steps=0)
     with pytest.raises(ValueError, match="meta_objective"):
         make_args(tmp_path, meta_objective="relabel")
+    with pytest.raises(ValueError, match="correction_type must be one of"):
+        make_args(tmp_path, correction_type="oracle")
+    with pytest.raises(ValueError, match="correction_mix_noisy applies to correction_type='free' only"):
+        make_args(tmp_path, correction_type="bootstrap", correction_mix_noisy=0.5)
 
 
 def test_plain_training_arguments_rejected(tmp_path):

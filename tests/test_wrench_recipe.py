@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from datasets import load_dataset
 
+from sama_trainer import BootstrapCorrectionNet
 from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_weak_supervision, write_wrench_format
 
 
@@ -111,6 +112,17 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "sama_meta_model").is_dir()
     reweight = recipe.CenteredMetaWeightNet.from_pretrained(tmp_path / "sama_meta_model" / "reweight")
     assert reweight.normalize and not reweight.net[2].bias.requires_grad
+
+
+def test_sama_rc_with_bootstrap_correction(recipe, wrench_dir, tmp_path):
+    _run(recipe, wrench_dir, tmp_path, "--method", "sama_rc", "--unroll_steps", "2", "--correction_type", "bootstrap")
+    results = _check_results(tmp_path, "sama_rc")
+    assert results["correction_type"] == "bootstrap" and results["meta_steps"] == 2
+    correct = BootstrapCorrectionNet.from_pretrained(tmp_path / "sama_meta_model" / "correct")
+    assert correct.label_prior.item() != 3.0  # the meta step moved the trust in the given label
+    weights = load_dataset("json", data_files=str(tmp_path / "example_weights.jsonl"), split="train")
+    probs = np.asarray(weights["corrected_probs"])
+    assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
 
 
 def test_config_file_gives_defaults_cli_overrides(recipe, tmp_path):
