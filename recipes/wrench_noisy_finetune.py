@@ -806,7 +806,8 @@ def _weight_diagnostics(weights: dict[str, list], mv_correct: np.ndarray, prep: 
         for given, to in out["relabelled_classes"].items():
             logger.warning(
                 "label correction relabelled almost every %r row as %r (a class-level relabelling, not a correction"
-                " of single examples; see RESULTS.md); try a smaller --correction_meta_learning_rate or sama_r",
+                " of single examples; see RESULTS.md); try --correction_mix_noisy 0.5 (keeps the given"
+                " class), a smaller --correction_meta_learning_rate, or sama_r",
                 given,
                 to,
             )

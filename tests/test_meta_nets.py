@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sama_trainer import BootstrapCorrectionNet
+from sama_trainer import BootstrapCorrectionNet, LabelCorrectionNet
 
 
 def _randomise(net: torch.nn.Module, seed: int = 0) -> None:
@@ -66,3 +66,18 @@ def test_bootstrap_soft_labels_and_gradient_reaches_every_parameter():
 def test_bootstrap_rejects_one_class():
     with pytest.raises(ValueError, match="num_labels >= 2"):
         BootstrapCorrectionNet(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_free_correction_with_half_noisy_mix_never_flips_the_class(seed):
+    logits, labels = _batch(seed, classes=6)
+    net = LabelCorrectionNet(6, hidden_size=8, mix_noisy=0.5)
+    _randomise(net, seed)
+    with torch.no_grad():
+        net.net[2].bias.copy_(torch.linspace(-20.0, 20.0, 6))  # the MLP alone would relabel every row as class 5
+        net.label_logit.fill_(-5.0)
+    out = net(logits, labels)
+    unmixed = (out - 0.5 * F.one_hot(labels, 6).float()) / 0.5
+    assert (unmixed.argmax(-1) == 5).float().mean() > 0.9  # so the check below bites
+    torch.testing.assert_close(out.sum(-1), torch.ones(32))
+    assert torch.equal(out.argmax(-1), labels)  # more than half the mass stays on the given label
