@@ -168,16 +168,18 @@ class BootstrapCorrectionNet(nn.Module, PyTorchModelHubMixin):
     def mixing(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """β [B]: the share of the model's prediction in the corrected label."""
         noisy = self._noisy(labels)
-        probs = F.softmax(logits.to(noisy.dtype), dim=-1)
-        agreement = (probs * noisy).sum(-1, keepdim=True)
-        return torch.sigmoid(self.net(torch.cat([probs, noisy, agreement], dim=-1)).squeeze(-1) - self.label_prior)
+        return self._beta(F.softmax(logits.to(noisy.dtype), dim=-1), noisy)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         noisy = self._noisy(labels)
         probs = F.softmax(logits.to(noisy.dtype), dim=-1)
         prediction = F.one_hot(probs.argmax(-1), self.num_labels).to(noisy.dtype) if self.hard_prediction else probs
-        beta = self.mixing(logits, labels).unsqueeze(-1)
+        beta = self._beta(probs, noisy).unsqueeze(-1)
         return (1.0 - beta) * noisy + beta * prediction
+
+    def _beta(self, probs: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        agreement = (probs * noisy).sum(-1, keepdim=True)
+        return torch.sigmoid(self.net(torch.cat([probs, noisy, agreement], dim=-1)).squeeze(-1) - self.label_prior)
 
     def _noisy(self, labels: torch.Tensor) -> torch.Tensor:
         dtype = _work_dtype(self)
