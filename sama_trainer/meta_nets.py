@@ -37,7 +37,8 @@ def normalize_weights_per_class(
     """Rescale ``weights`` [B] to mean 1 within each class of ``labels`` (ids [B], or soft labels [B, C]: argmax).
 
     Reweighting then only moves weight between examples of the same given class: the class balance of the
-    training labels is kept, whatever the weight net learns. ``num_classes`` (default: the width of soft labels,
+    training labels is kept, whatever the weight net learns (a class whose weights are all 0, e.g. a saturated
+    sigmoid, gets weight 1 per row: no class can be silenced). ``num_classes`` (default: the width of soft labels,
     else read from the ids, which costs a device-to-host sync) sizes the per-class sums.
     """
     if labels.dim() == 2:
@@ -48,7 +49,10 @@ def normalize_weights_per_class(
         num_classes = int(classes.max()) + 1 if classes.numel() else 0
     sums = weights.new_zeros(num_classes).index_add(0, classes, weights)
     counts = weights.new_zeros(num_classes).index_add(0, classes, torch.ones_like(weights))
-    return weights / (sums / counts.clamp_min(1)).clamp_min(1e-8)[classes]
+    means = (sums / counts.clamp_min(1))[classes]
+    # a class whose weights all underflowed to 0 has no ratios left to keep: its rows get weight 1, never 0
+    alive = means > 0
+    return torch.where(alive, weights / torch.where(alive, means, torch.ones_like(means)), torch.ones_like(weights))
 
 
 class MetaWeightNet(nn.Module, PyTorchModelHubMixin):

@@ -151,6 +151,12 @@ def test_normalize_weights_per_class_matches_hand_computation():
     torch.testing.assert_close(normalize_weights_per_class(weights, soft), expected)
     scaled = weights * torch.tensor([2.0, 2.0, 7.0, 7.0, 2.0])  # a per-class factor changes nothing
     torch.testing.assert_close(normalize_weights_per_class(scaled, labels), expected)
+    tiny = weights * torch.tensor([1e-30, 1e-30, 1.0, 1.0, 1e-30])  # a saturated class keeps its ratios
+    torch.testing.assert_close(normalize_weights_per_class(tiny, labels), expected)
+    silenced = weights * torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])  # all weights of class 0 underflowed to 0
+    torch.testing.assert_close(
+        normalize_weights_per_class(silenced, labels), torch.tensor([1.0, 1.0, 3 / 4.5, 6 / 4.5, 1.0])
+    )
 
 
 class RecordingTrainer(SAMATrainer):
