@@ -67,7 +67,7 @@ from transformers import (
     set_seed,
 )
 
-from sama_trainer import BootstrapCorrectionNet, LabelCorrectionNet, MetaWeightNet, SAMAConfig, SAMATrainer
+from sama_trainer import MetaWeightNet, SAMAConfig, SAMATrainer
 from sama_trainer.data import (
     WeakSupervisionData,
     apply_label_model,
@@ -78,6 +78,7 @@ from sama_trainer.data import (
 )
 from sama_trainer.losses import per_example_cross_entropy
 from sama_trainer.pretrained import load_pretrained_tokenizer
+from sama_trainer.sama_trainer import default_correction_net
 
 
 logger = logging.getLogger("wrench_noisy_finetune")
@@ -507,16 +508,7 @@ def build_meta_model(args: SAMAConfig, script_args: ScriptArguments, num_labels:
         )
 
     def correct() -> nn.Module:
-        if args.correction_type == "bootstrap":
-            return BootstrapCorrectionNet(
-                num_labels, hidden_size=args.meta_hidden_size, label_prior=args.correction_label_prior
-            )
-        return LabelCorrectionNet(
-            num_labels,
-            hidden_size=args.meta_hidden_size,
-            label_prior=args.correction_label_prior,
-            mix_noisy=args.correction_mix_noisy,
-        )
+        return default_correction_net(args, num_labels)
 
     set_seed(args.seed)
     if args.meta_objective == "reweight":

@@ -31,6 +31,11 @@ def _work_dtype(module: nn.Module) -> torch.dtype:
     return torch.promote_types(next(module.parameters()).dtype, torch.float32)
 
 
+def _label_distribution(labels: torch.Tensor, num_labels: int, dtype: torch.dtype) -> torch.Tensor:
+    """Class ids [B] as one-hot rows, soft labels [B, C] as they are."""
+    return labels.to(dtype) if labels.dim() == 2 else F.one_hot(labels.long(), num_labels).to(dtype)
+
+
 def normalize_weights_per_class(
     weights: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
 ) -> torch.Tensor:
@@ -130,7 +135,7 @@ class LabelCorrectionNet(nn.Module, PyTorchModelHubMixin):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dtype = _work_dtype(self)
-        noisy = labels.to(dtype) if labels.dim() == 2 else F.one_hot(labels.long(), self.num_labels).to(dtype)
+        noisy = _label_distribution(labels, self.num_labels, dtype)
         logits = logits.to(dtype)
         features = F.softmax(logits, dim=-1) if self.use_probabilities else logits
         out = self.net(torch.cat([features, noisy], dim=-1)) + self.label_logit * noisy
@@ -186,5 +191,4 @@ class BootstrapCorrectionNet(nn.Module, PyTorchModelHubMixin):
         return torch.sigmoid(self.net(torch.cat([probs, noisy, agreement], dim=-1)).squeeze(-1) - self.label_prior)
 
     def _noisy(self, labels: torch.Tensor) -> torch.Tensor:
-        dtype = _work_dtype(self)
-        return labels.to(dtype) if labels.dim() == 2 else F.one_hot(labels.long(), self.num_labels).to(dtype)
+        return _label_distribution(labels, self.num_labels, _work_dtype(self))

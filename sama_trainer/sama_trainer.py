@@ -10,6 +10,7 @@ trainer) updates the meta network.
 
 from __future__ import annotations
 
+import inspect
 import os
 import textwrap
 from collections import defaultdict
@@ -218,16 +219,7 @@ class SAMATrainer(Trainer):
         def correct() -> nn.Module:
             if not num_labels or num_labels < 2:
                 raise ValueError("label correction needs model.config.num_labels >= 2 or an explicit meta_model")
-            if args.correction_type == "bootstrap":
-                return BootstrapCorrectionNet(
-                    num_labels, hidden_size=args.meta_hidden_size, label_prior=args.correction_label_prior
-                )
-            return LabelCorrectionNet(
-                num_labels,
-                hidden_size=args.meta_hidden_size,
-                label_prior=args.correction_label_prior,
-                mix_noisy=args.correction_mix_noisy,
-            )
+            return default_correction_net(args, num_labels)
 
         if args.meta_objective == "reweight":
             return reweight()
@@ -581,6 +573,20 @@ class SAMATrainer(Trainer):
             f.write(card.rstrip() + "\n\n" + sama_card_section(self) + "\n")
 
 
+def default_correction_net(args: SAMAConfig, num_labels: int) -> nn.Module:
+    """The label-correction net the config asks for (``correction_type``, ``correction_*`` fields)."""
+    if args.correction_type == "bootstrap":
+        return BootstrapCorrectionNet(
+            num_labels, hidden_size=args.meta_hidden_size, label_prior=args.correction_label_prior
+        )
+    return LabelCorrectionNet(
+        num_labels,
+        hidden_size=args.meta_hidden_size,
+        label_prior=args.correction_label_prior,
+        mix_noisy=args.correction_mix_noisy,
+    )
+
+
 def save_meta_model(meta_model: nn.Module, path: str) -> None:
     """Save a meta network so that :func:`load_meta_model` (or ``Class.from_pretrained``) can load it back."""
     if isinstance(meta_model, nn.ModuleDict):
@@ -615,8 +621,8 @@ def load_meta_model(path: str, meta_model: nn.Module | None = None) -> nn.Module
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    if "hard_prediction" in config:
-        cls = BootstrapCorrectionNet
-    else:
-        cls = LabelCorrectionNet if "num_labels" in config else MetaWeightNet
-    return cls.from_pretrained(path)
+    # the built-in net whose constructor takes exactly the saved arguments
+    for cls in (MetaWeightNet, LabelCorrectionNet, BootstrapCorrectionNet):
+        if set(config) == set(inspect.signature(cls.__init__).parameters) - {"self"}:
+            return cls.from_pretrained(path)
+    raise ValueError(f"{path}: not a built-in meta net (config keys {sorted(config)}); pass meta_model= to load it")

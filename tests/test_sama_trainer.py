@@ -130,6 +130,12 @@ def test_bootstrap_correction_learns_saves_and_loads(tmp_path):
     torch.testing.assert_close(loaded(logits, labels), correct.cpu()(logits, labels))
 
 
+def test_load_meta_model_refuses_an_unknown_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"num_labels": 3, "temperature": 2.0}')
+    with pytest.raises(ValueError, match="not a built-in meta net.*pass meta_model="):
+        load_meta_model(str(tmp_path))
+
+
 def test_example_weights_and_corrections_cover_the_dataset(tmp_path):
     train, meta = datasets()
     trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_objective="reweight+correct"), train, meta)
