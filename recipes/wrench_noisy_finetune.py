@@ -700,6 +700,7 @@ def run_method(
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "world_size": args.world_size,
+        "device": device_name(args.device),
     }
     if sama_trainer is not None:
         results.update(
@@ -730,6 +731,13 @@ def run_method(
         with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def device_name(device: torch.device) -> str:
+    """'cpu', or the accelerator's name (e.g. 'cuda: NVIDIA H100 80GB HBM3'): results say where they were measured."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def _auroc(is_wrong: np.ndarray, score: np.ndarray) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,11 @@ def command(args: argparse.Namespace, dataset: str, k: str, method: str, seed: i
 
 
 def run_all(args: argparse.Namespace) -> None:
+    """Run every missing (dataset, K, method, seed), up to ``args.jobs`` at a time, in the order of the flags.
+
+    No run starts once ``args.time_budget`` seconds have passed (runs already started finish), so a time-boxed
+    sweep (a lent GPU, a CI slot) ends with whole runs only and a later call resumes it.
+    """
     root = Path(args.output_root)
     combos = [
         (d, k, m, int(s))
@@ -62,20 +68,41 @@ def run_all(args: argparse.Namespace) -> None:
         for m in args.methods.split(",")
         for s in args.seeds.split(",")
     ]
-    for i, (dataset, k, method, seed) in enumerate(combos, 1):
-        out = run_dir(root, dataset, k, method, seed)
-        if (out / "results.json").is_file() and not args.rerun:
-            continue
-        cmd = command(args, dataset, k, method, seed, out)
-        print(f"[{i}/{len(combos)}] {' '.join(cmd)}", flush=True)
-        if args.dry_run:
-            continue
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with open(out / "log.txt", "w", encoding="utf-8") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
-        status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {out / 'log.txt'})"
-        print(f"    {status} in {time.perf_counter() - start:.0f}s", flush=True)
+    start = time.perf_counter()
+    running: list[tuple[subprocess.Popen, Path, float, Any]] = []
+
+    def wait_until(at_most: int) -> None:  # reap finished runs until at most `at_most` are left running
+        while len(running) > at_most:
+            for item in [item for item in running if item[0].poll() is not None]:
+                proc, out, t0, log = item
+                log.close()
+                running.remove(item)
+                status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out / 'log.txt'})"
+                print(f"    {out}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
+            if len(running) > at_most:
+                time.sleep(0.2)
+
+    try:
+        for i, (dataset, k, method, seed) in enumerate(combos, 1):
+            out = run_dir(root, dataset, k, method, seed)
+            if (out / "results.json").is_file() and not args.rerun:
+                continue
+            wait_until(max(args.jobs, 1) - 1)
+            if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+                print(f"time budget of {args.time_budget:.0f}s spent: runs {i}..{len(combos)} not started", flush=True)
+                break
+            cmd = command(args, dataset, k, method, seed, out)
+            print(f"[{i}/{len(combos)}] {' '.join(cmd)}", flush=True)
+            if args.dry_run:
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            log = open(out / "log.txt", "w", encoding="utf-8")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
+            running.append((proc, out, time.perf_counter(), log))
+        wait_until(0)
+    finally:  # interrupted: stop the runs in flight (finished runs keep their results.json)
+        for proc, *_ in running:
+            proc.kill()
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -158,10 +185,19 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--collect_only", action="store_true", help="only build the table from existing results")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     parser.add_argument("--rerun", action="store_true", help="rerun runs that already have results.json")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. several per GPU)")
+    parser.add_argument(
+        "--time_budget", type=float, default=None, help="seconds after which no new run starts (running ones finish)"
+    )
     parser.add_argument("extra", nargs="*", help="flags passed to every run (after --)")
     args = parser.parse_args(argv)
     if not args.collect_only:
-        run_all(args)
+        # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: the runs in flight are stopped, finished ones are kept
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        try:
+            run_all(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     rows = collect(Path(args.output_root))
     methods = None if args.collect_only else args.methods.split(",")
     table = markdown_table(rows, methods)

@@ -63,6 +63,7 @@ def _check_results(out: Path, method: str) -> dict:
     assert results["metric_name"] == "accuracy"
     assert 0.0 <= results["test_metric"] <= 1.0 and 0.0 <= results["valid_metric"] <= 1.0
     assert results["train_seconds"] > 0
+    assert results["device"] == "cpu"  # _run passes --use_cpu
     assert (out / "README.md").is_file()
     return results
 
@@ -205,6 +206,65 @@ def test_table_driver_collects_results(tmp_path):
     args = argparse.Namespace(python="py", configs_dir="c", extra=["--x"])
     cmd = table.command(args, "trec", "10", "cft", 2, tmp_path)
     assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
+
+
+STUB_RUN = """
+import json, sys, time
+from pathlib import Path
+argv = sys.argv
+out = Path(argv[argv.index("--output_dir") + 1])
+with open(out.parent.parent.parent.parent.parent / "events.txt", "a") as f:
+    f.write(f"start {time.time()}\\n")
+time.sleep(0.5)
+if argv[argv.index("--method") + 1] == "broken":
+    sys.exit(3)
+with open(out.parent.parent.parent.parent.parent / "events.txt", "a") as f:
+    f.write(f"end {time.time()}\\n")
+row = dict(method=argv[argv.index("--method") + 1], dataset="youtube", seed=int(argv[argv.index("--seed") + 1]))
+row.update(metric_name="accuracy", test_metric=0.5, valid_metric=0.5, train_steps=1, train_seconds=0.5)
+(out / "results.json").write_text(json.dumps(dict(row, clean_per_class=None)))
+"""
+
+
+def _stub_driver(tmp_path: Path):
+    spec = importlib.util.spec_from_file_location("wrench_table", RECIPE.parent / "wrench_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    stub = tmp_path / "stub_python.py"
+    stub.write_text(f"#!{sys.executable}\n# stands in for `python recipe ...`: argv[1] is the recipe path\n{STUB_RUN}")
+    stub.chmod(0o755)
+    return table, stub
+
+
+def _events(root: Path) -> list[tuple[str, float]]:
+    return [(kind, float(t)) for kind, t in (line.split() for line in (root / "events.txt").read_text().splitlines())]
+
+
+def test_table_driver_runs_jobs_in_parallel_and_resumes(tmp_path):
+    table, stub = _stub_driver(tmp_path)
+    root = tmp_path / "runs"  # events.txt lands in tmp_path (five levels above each run folder)
+    flags = ["--datasets", "youtube", "--methods", "finetune,cft", "--seeds", "0,1", "--clean_per_class", "all"]
+    table.main([*flags, "--python", str(stub), "--output_root", str(root), "--jobs", "4"])
+    assert len(list(root.glob("*/k*/*/seed*/results.json"))) == 4
+    events = _events(tmp_path)
+    starts = sorted(t for kind, t in events if kind == "start")
+    first_end = min(t for kind, t in events if kind == "end")
+    assert len(starts) == 4 and starts[-1] < first_end  # all four ran at once
+    table.main([*flags, "--python", str(stub), "--output_root", str(root), "--jobs", "4"])
+    assert len(_events(tmp_path)) == 8  # finished runs are skipped: nothing ran again
+
+
+def test_table_driver_time_budget_and_failed_runs(tmp_path, capsys):
+    table, stub = _stub_driver(tmp_path)
+    root = tmp_path / "runs"
+    flags = ["--datasets", "youtube", "--clean_per_class", "all", "--python", str(stub), "--output_root", str(root)]
+    table.main([*flags, "--methods", "finetune", "--seeds", "0,1,2", "--time_budget", "0.2"])
+    assert len(list(root.glob("*/k*/*/seed*/results.json"))) == 1  # the first run started, the budget was then spent
+    assert "runs 2..3 not started" in capsys.readouterr().out
+    table.main([*flags, "--methods", "broken,finetune", "--seeds", "0", "--jobs", "2"])
+    out = capsys.readouterr().out
+    assert "FAILED (exit 3" in out and "broken/seed0/log.txt" in out
+    assert not (root / "youtube" / "kall" / "broken" / "seed0" / "results.json").exists()
 
 
 def test_tune_on_valid_fold_scores_the_other_half_of_valid(recipe, wrench_dir, tmp_path):
