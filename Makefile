@@ -37,9 +37,12 @@ test-all: install
 demo: install
 	$(PY) recipes/wrench_noisy_finetune.py --config recipes/configs/demo.yaml
 
-# WRENCH table: methods x datasets x 3 seeds x K in {10, all}; resumes where it stopped (hours on a CPU).
+# WRENCH table: methods x datasets x 3 seeds x K in {10, all}; resumes where it stopped. Hours on a CPU; on one H200,
+# 14 runs at a time did 80 runs in 11 minutes (RESULTS.md, session 8): WRENCH_JOBS sets runs at a time.
+WRENCH_JOBS ?= 1
 wrench-table: install
-	$(PY) recipes/wrench_table.py --output_root outputs/wrench_table --markdown outputs/wrench_table/table.md
+	$(PY) recipes/wrench_table.py --output_root outputs/wrench_table --markdown outputs/wrench_table/table.md \
+		--jobs $(WRENCH_JOBS)
 
 # CPU benchmark of BENCHMARKS.md (every method side by side, 3 repeats).
 benchmark: install

@@ -133,6 +133,11 @@ def _auroc_cell(rows: list[dict[str, Any]]) -> str:
     return " / ".join(f"{statistics.fmean(vals):.3f}" if vals else "–" for vals in means)
 
 
+def _device_mark(rows: list[dict[str, Any]]) -> str:
+    """' †' when a run of the cell ran on an accelerator (results.json ``device`` other than 'cpu')."""
+    return " †" if any(r.get("device", "cpu") != "cpu" for r in rows) else ""
+
+
 def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     """One row per (dataset, K), one column per method: test metric (x100) mean ± std over seeds."""
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -148,7 +153,10 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
     times = ["| dataset | clean/class | " + " | ".join(order) + " |", "|" + "---|" * (len(order) + 2)]
     aurocs = list(times)
     for (dataset, k), by_method in sorted(groups.items()):
-        cells = [_mean_std([r["test_metric"] for r in by_method.get(m, [])]) for m in order]
+        cells = [
+            _mean_std([r["test_metric"] for r in by_method.get(m, [])]) + _device_mark(by_method.get(m, []))
+            for m in order
+        ]
         lines.append(f"| {dataset} ({metric[dataset]}) | {k} | " + " | ".join(cells) + " |")
         secs = [
             f"{statistics.fmean(r['train_seconds'] for r in by_method[m]):.0f}" if m in by_method else "–"
@@ -157,9 +165,16 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
         times.append(f"| {dataset} | {k} | " + " | ".join(secs) + " |")
         auc = [_auroc_cell(by_method.get(m, [])) for m in order]
         aurocs.append(f"| {dataset} | {k} | " + " | ".join(auc) + " |")
+    accelerators = sorted({r["device"] for r in rows if r.get("device", "cpu") != "cpu"})
+    legend = (
+        f"\n\n† runs on {', '.join(accelerators)}; unmarked cells: CPU (or device not recorded)"
+        if accelerators
+        else ""
+    )
     return (
         "Test metric ×100 (accuracy; binary F1 for sms), mean ± std over seeds:\n\n"
         + "\n".join(lines)
+        + legend
         + "\n\nTraining wall time (s, mean over seeds):\n\n"
         + "\n".join(times)
         + "\n\nNoise AUROC of the learned weights, overall / within each given class (wrong majority-vote labels;"
