@@ -1,7 +1,8 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "sama-trainer", "transformers>=5.19", "datasets", "accelerate", "pyyaml", "matplotlib", "scikit-learn",
+#     "sama-trainer", "transformers>=5.19", "datasets", "evaluate", "accelerate", "pyyaml", "matplotlib",
+#     "scikit-learn",
 # ]
 # ///
 """Fine-tune a text classifier on WRENCH weak labels: baselines and SAMA reweighting / label correction.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -287,13 +289,23 @@ def metric_name_for(dataset: str, num_classes: int) -> str:
     return "f1" if num_classes == 2 and dataset.lower() in F1_DATASETS else "accuracy"
 
 
-def compute_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> float:
-    # `evaluate.load("accuracy")` fetches its metric script from the Hub and fails offline, so we use sklearn.
-    from sklearn.metrics import accuracy_score, f1_score
+METRIC_SCRIPT = Path(__file__).resolve().parent / "metrics" / "wrench_metric.py"
 
-    if name == "f1":  # WRENCH's f1_binary: F1 of the positive class 1
-        return float(f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0))
-    return float(accuracy_score(labels, predictions))
+
+@functools.lru_cache(maxsize=1)
+def _wrench_metric() -> Any:
+    import evaluate
+
+    # a local script: `evaluate.load("accuracy")` fetches its script from the Hub and fails offline
+    return evaluate.load(str(METRIC_SCRIPT), keep_in_memory=True)
+
+
+def compute_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """WRENCH's metric ``name`` ('accuracy', or 'f1': F1 of class 1 as WRENCH's f1_binary) with ``evaluate``."""
+    out = _wrench_metric().compute(
+        predictions=np.asarray(predictions).tolist(), references=np.asarray(labels).tolist(), name=name
+    )
+    return float(out[name])
 
 
 @dataclass

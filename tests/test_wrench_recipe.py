@@ -270,6 +270,25 @@ def test_table_driver_time_budget_and_failed_runs(tmp_path, capsys):
     assert not (root / "youtube" / "kall" / "broken" / "seed0" / "results.json").exists()
 
 
+def test_metrics_come_from_evaluate_and_match_wrench_definitions(recipe):
+    import evaluate
+    from sklearn.metrics import accuracy_score, f1_score
+
+    preds, labels = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
+    assert recipe.compute_metric("accuracy", preds, labels) == pytest.approx(3 / 5)
+    assert recipe.compute_metric("f1", preds, labels) == pytest.approx(2 / 3)  # precision 2/3, recall 2/3
+    assert recipe.compute_metric("f1", np.zeros(4, int), np.array([0, 1, 0, 1])) == 0.0  # no positive predicted
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        p, y = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+        assert recipe.compute_metric("f1", p, y) == pytest.approx(f1_score(y, p))
+        p, y = rng.integers(0, 6, 200), rng.integers(0, 6, 200)
+        assert recipe.compute_metric("accuracy", p, y) == pytest.approx(accuracy_score(y, p))
+    assert isinstance(recipe._wrench_metric(), evaluate.Metric)  # computed by `evaluate`, as WRENCH users expect
+    with pytest.raises(ValueError, match="accuracy"):
+        recipe.compute_metric("auroc", preds, labels)
+
+
 def test_tune_on_valid_fold_scores_the_other_half_of_valid(recipe, wrench_dir, tmp_path):
     """--tune_on_valid_fold: the two folds swap two stratified halves of valid; test is never used."""
     valid = load_wrench(wrench_dir)["valid"]
