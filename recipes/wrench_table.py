@@ -57,6 +57,7 @@ def command(args: argparse.Namespace, dataset: str, k: str, method: str, seed: i
 def run_all(args: argparse.Namespace) -> None:
     """Run every missing (dataset, K, method, seed), up to ``args.jobs`` at a time, in the order of the flags.
 
+    With ``args.devices`` each run sees one GPU (``CUDA_VISIBLE_DEVICES``), the one with the fewest runs in flight.
     No run starts once ``args.time_budget`` seconds have passed (runs already started finish), so a time-boxed
     sweep (a lent GPU, a CI slot) ends with whole runs only and a later call resumes it.
     """
@@ -68,13 +69,14 @@ def run_all(args: argparse.Namespace) -> None:
         for m in args.methods.split(",")
         for s in args.seeds.split(",")
     ]
+    devices = [d for d in (args.devices or "").split(",") if d]
     start = time.perf_counter()
-    running: list[tuple[subprocess.Popen, Path, float, Any]] = []
+    running: list[tuple[subprocess.Popen, Path, float, Any, str | None]] = []
 
     def wait_until(at_most: int) -> None:  # reap finished runs until at most `at_most` are left running
         while len(running) > at_most:
             for item in [item for item in running if item[0].poll() is not None]:
-                proc, out, t0, log = item
+                proc, out, t0, log, _ = item
                 log.close()
                 running.remove(item)
                 status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out / 'log.txt'})"
@@ -95,10 +97,13 @@ def run_all(args: argparse.Namespace) -> None:
             print(f"[{i}/{len(combos)}] {' '.join(cmd)}", flush=True)
             if args.dry_run:
                 continue
+            env = {**os.environ, **ENV}
+            if devices:  # the device with the fewest runs in flight
+                env["CUDA_VISIBLE_DEVICES"] = min(devices, key=lambda d: sum(item[4] == d for item in running))
             out.mkdir(parents=True, exist_ok=True)
             log = open(out / "log.txt", "w", encoding="utf-8")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
-            running.append((proc, out, time.perf_counter(), log))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, out, time.perf_counter(), log, env.get("CUDA_VISIBLE_DEVICES")))
         wait_until(0)
     finally:  # interrupted: stop the runs in flight (finished runs keep their results.json)
         for proc, *_ in running:
@@ -201,6 +206,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     parser.add_argument("--rerun", action="store_true", help="rerun runs that already have results.json")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. several per GPU)")
+    parser.add_argument(
+        "--devices", default=None, help="comma list of GPU ids: each run gets the one with the fewest runs in flight"
+    )
     parser.add_argument(
         "--time_budget", type=float, default=None, help="seconds after which no new run starts (running ones finish)"
     )

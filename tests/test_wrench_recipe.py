@@ -212,12 +212,12 @@ def test_table_driver_collects_results(tmp_path):
 
 
 STUB_RUN = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 argv = sys.argv
 out = Path(argv[argv.index("--output_dir") + 1])
 with open(out.parent.parent.parent.parent.parent / "events.txt", "a") as f:
-    f.write(f"start {time.time()}\\n")
+    f.write(f"start {time.time()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
 time.sleep(0.5)
 if argv[argv.index("--method") + 1] == "broken":
     sys.exit(3)
@@ -240,7 +240,9 @@ def _stub_driver(tmp_path: Path):
 
 
 def _events(root: Path) -> list[tuple[str, float]]:
-    return [(kind, float(t)) for kind, t in (line.split() for line in (root / "events.txt").read_text().splitlines())]
+    return [
+        (kind, float(t)) for kind, t, *_ in (line.split() for line in (root / "events.txt").read_text().splitlines())
+    ]
 
 
 def test_table_driver_runs_jobs_in_parallel_and_resumes(tmp_path):
@@ -255,6 +257,16 @@ def test_table_driver_runs_jobs_in_parallel_and_resumes(tmp_path):
     assert len(starts) == 4 and starts[-1] < first_end  # all four ran at once
     table.main([*flags, "--python", str(stub), "--output_root", str(root), "--jobs", "4"])
     assert len(_events(tmp_path)) == 8  # finished runs are skipped: nothing ran again
+
+
+def test_table_driver_spreads_runs_over_devices(tmp_path):
+    table, stub = _stub_driver(tmp_path)
+    flags = ["--datasets", "youtube", "--methods", "finetune", "--seeds", "0,1,2,3", "--clean_per_class", "all"]
+    table.main(
+        [*flags, "--python", str(stub), "--output_root", str(tmp_path / "runs"), "--jobs", "4", "--devices", "0,1"]
+    )
+    seen = [line.split()[2] for line in (tmp_path / "events.txt").read_text().splitlines() if line.startswith("start")]
+    assert sorted(seen) == ["0", "0", "1", "1"]  # four runs in flight at once, two per GPU
 
 
 def test_table_driver_time_budget_and_failed_runs(tmp_path, capsys):
