@@ -1,6 +1,7 @@
 """SAMATrainer on a tiny BERT built from a config: training, logging, checkpoints, saving, errors."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -210,6 +211,17 @@ def test_meta_dataset_without_labels(tmp_path):
     train, meta = datasets()
     with pytest.raises(ValueError, match="no label column"):
         SAMATrainer(tiny_bert(), make_args(tmp_path), train, meta.remove_columns(["labels"]))
+
+
+def test_sama_na_base_update_under_adam_warns_and_names_the_fix(tmp_path):
+    with pytest.warns(UserWarning, match="sama_base_update=False"):
+        make_args(tmp_path, meta_gradient="sama-na")  # Trainer default optimizer: AdamW
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_args(tmp_path, meta_gradient="sama-na", sama_base_update=False)
+        make_args(tmp_path, meta_gradient="sama-na", optim="sgd")  # du/dg is the identity: SAMA-NA = SAMA
+        make_args(tmp_path, meta_gradient="sama")
+    assert not [w for w in caught if "sama_base_update" in str(w.message)]  # none of these warns
 
 
 def test_unknown_method_and_bad_unroll(tmp_path):

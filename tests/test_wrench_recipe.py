@@ -216,12 +216,17 @@ import json, os, sys, time
 from pathlib import Path
 argv = sys.argv
 out = Path(argv[argv.index("--output_dir") + 1])
-with open(out.parent.parent.parent.parent.parent / "events.txt", "a") as f:
+events = out.parent.parent.parent.parent.parent / "events.txt"
+with open(events, "a") as f:
     f.write(f"start {time.time()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
-time.sleep(0.5)
+# barrier: wait (at most 10 s) until STUB_PEERS runs have started, so the test sees whether they overlap
+deadline = time.time() + 10
+while events.read_text().count("start") < int(os.environ.get("STUB_PEERS", "1")) and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.2)
 if argv[argv.index("--method") + 1] == "broken":
     sys.exit(3)
-with open(out.parent.parent.parent.parent.parent / "events.txt", "a") as f:
+with open(events, "a") as f:
     f.write(f"end {time.time()}\\n")
 row = dict(method=argv[argv.index("--method") + 1], dataset="youtube", seed=int(argv[argv.index("--seed") + 1]))
 row.update(metric_name="accuracy", test_metric=0.5, valid_metric=0.5, train_steps=1, train_seconds=0.5)
@@ -245,7 +250,8 @@ def _events(root: Path) -> list[tuple[str, float]]:
     ]
 
 
-def test_table_driver_runs_jobs_in_parallel_and_resumes(tmp_path):
+def test_table_driver_runs_jobs_in_parallel_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUB_PEERS", "4")
     table, stub = _stub_driver(tmp_path)
     root = tmp_path / "runs"  # events.txt lands in tmp_path (five levels above each run folder)
     flags = ["--datasets", "youtube", "--methods", "finetune,cft", "--seeds", "0,1", "--clean_per_class", "all"]
@@ -259,7 +265,8 @@ def test_table_driver_runs_jobs_in_parallel_and_resumes(tmp_path):
     assert len(_events(tmp_path)) == 8  # finished runs are skipped: nothing ran again
 
 
-def test_table_driver_spreads_runs_over_devices(tmp_path):
+def test_table_driver_spreads_runs_over_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUB_PEERS", "4")
     table, stub = _stub_driver(tmp_path)
     flags = ["--datasets", "youtube", "--methods", "finetune", "--seeds", "0,1,2,3", "--clean_per_class", "all"]
     table.main(
