@@ -57,7 +57,7 @@ def supported_optimizers() -> list[str]:
     return sorted(cls.__name__ for cls in _RULES)
 
 
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     # accelerate's AcceleratedOptimizer (and similar wrappers) keep the real optimizer in `.optimizer`.
     while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
         optimizer = optimizer.optimizer
@@ -78,7 +78,7 @@ def _find_rule(optimizer: torch.optim.Optimizer) -> AdaptationRule:
 
 def check_adaptation_supported(optimizer: Any) -> None:
     """Raise :class:`UnsupportedOptimizerError` (naming the supported optimizers) if ``optimizer`` has no rule."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     _find_rule(opt)
     for group in opt.param_groups:
         if group.get("maximize", False):
@@ -130,7 +130,7 @@ def _iter_diagonals(
     bias_correction: bool,
 ):
     """Yields (parameter index, diagonal) for each parameter, the rule applied to whole tensors."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     rule = _find_rule(opt)
     group_of, grads = _checked_groups(opt, params, grads)
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -197,7 +197,7 @@ class _Bucket:
 
 def _bucketed_diagonals(optimizer, params, grads, tensors, bias_correction):
     """Yields (views of ``tensors``, du/dg of those views) over every parameter chunk, a bucket at a time."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     rule = _find_rule(opt)
     foreach_rule = _FOREACH_RULES.get(rule)
     group_of, grads = _checked_groups(opt, params, grads)

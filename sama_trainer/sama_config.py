@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,14 +129,3 @@ class SAMAConfig(TrainingArguments):
         super().__post_init__()
         if self.meta_gradient_kwargs is None:
             self.meta_gradient_kwargs = {}
-        optim = str(getattr(self.optim, "value", self.optim)).lower()
-        if self.meta_gradient == "sama-na" and self.sama_base_update and "adam" in optim:
-            warnings.warn(
-                "meta_gradient='sama-na' with sama_base_update=True and an Adam-type optimizer: after each meta step "
-                f"θ moves by a step of norm sama_alpha ({self.sama_alpha or 1.0}) along the raw meta-gradient, which "
-                "puts far more on a few coordinates than Adam's own steps do (in this project's WRENCH runs it broke "
-                "training on every dataset). Set sama_base_update=False (or a much smaller sama_alpha) unless you "
-                "are reproducing the paper's SAMA-NA ablation.",
-                UserWarning,
-                stacklevel=2,
-            )

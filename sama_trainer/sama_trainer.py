@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import textwrap
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .adaptation import check_adaptation_supported
+from .adaptation import check_adaptation_supported, unwrap_optimizer
 from .losses import per_example_cross_entropy, soft_cross_entropy
 from .meta_data import MetaBatchStream
 from .meta_gradient import ADAPTIVE_METHODS, SECOND_ORDER_METHODS, meta_gradient
@@ -241,6 +242,19 @@ class SAMATrainer(Trainer):
     def _check_optimizer(self, optimizer: Any) -> None:
         if self.args.meta_gradient in ADAPTIVE_METHODS:
             check_adaptation_supported(optimizer)
+        elif self.args.meta_gradient == "sama-na" and self.args.sama_base_update:
+            # for SGD du/dg is constant and SAMA-NA's base step is SAMA's; for adaptive optimizers it is not
+            base = unwrap_optimizer(optimizer)
+            if not isinstance(base, torch.optim.SGD):
+                warnings.warn(
+                    f"meta_gradient='sama-na' with sama_base_update=True under {type(base).__name__}: "
+                    "after each meta step θ moves by a step of norm sama_alpha along the raw meta-gradient, which "
+                    "puts far more on a few coordinates than the optimizer's own steps do (in this project's WRENCH "
+                    "runs it broke training on every dataset). Set sama_base_update=False (or a much smaller "
+                    "sama_alpha) unless you are reproducing the paper's SAMA-NA ablation.",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

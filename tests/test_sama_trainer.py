@@ -214,14 +214,24 @@ def test_meta_dataset_without_labels(tmp_path):
 
 
 def test_sama_na_base_update_under_adam_warns_and_names_the_fix(tmp_path):
-    with pytest.warns(UserWarning, match="sama_base_update=False"):
-        make_args(tmp_path, meta_gradient="sama-na")  # Trainer default optimizer: AdamW
+    train, meta = datasets()
+
+    def warnings_of(**overrides) -> list[str]:
+        trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, **overrides), train, meta)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.create_optimizer()
+        return [str(w.message) for w in caught if "sama_base_update" in str(w.message)]
+
+    assert any("AdamW" in m and "sama_base_update=False" in m for m in warnings_of(meta_gradient="sama-na"))
+    assert not warnings_of(meta_gradient="sama-na", sama_base_update=False)
+    assert not warnings_of(meta_gradient="sama-na", optim="sgd")  # du/dg is constant: SAMA-NA = SAMA
+    assert not warnings_of(meta_gradient="sama")
+    sgd = torch.optim.SGD(tiny_bert().parameters(), lr=0.1)  # an optimizer passed in is checked as it is
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_args(tmp_path, meta_gradient="sama-na", sama_base_update=False)
-        make_args(tmp_path, meta_gradient="sama-na", optim="sgd")  # du/dg is the identity: SAMA-NA = SAMA
-        make_args(tmp_path, meta_gradient="sama")
-    assert not [w for w in caught if "sama_base_update" in str(w.message)]  # none of these warns
+        SAMATrainer(tiny_bert(), make_args(tmp_path, meta_gradient="sama-na"), train, meta, optimizers=(sgd, None))
+    assert not [w for w in caught if "sama_base_update" in str(w.message)]
 
 
 def test_unknown_method_and_bad_unroll(tmp_path):
