@@ -26,7 +26,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 from sama_trainer.reporting import replace_marked_block
 
@@ -54,6 +54,14 @@ def command(args: argparse.Namespace, dataset: str, k: str, method: str, seed: i
     return cmd + list(args.extra)
 
 
+class _Run(NamedTuple):
+    proc: subprocess.Popen
+    out: Path
+    started: float
+    log: IO[str]
+    device: str | None
+
+
 def run_all(args: argparse.Namespace) -> None:
     """Run every missing (dataset, K, method, seed), up to ``args.jobs`` at a time, in the order of the flags.
 
@@ -71,16 +79,16 @@ def run_all(args: argparse.Namespace) -> None:
     ]
     devices = [d for d in (args.devices or "").split(",") if d]
     start = time.perf_counter()
-    running: list[tuple[subprocess.Popen, Path, float, Any, str | None]] = []
+    running: list[_Run] = []
 
     def wait_until(at_most: int) -> None:  # reap finished runs until at most `at_most` are left running
         while len(running) > at_most:
-            for item in [item for item in running if item[0].poll() is not None]:
-                proc, out, t0, log, _ = item
-                log.close()
-                running.remove(item)
-                status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out / 'log.txt'})"
-                print(f"    {out}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
+            for run in [run for run in running if run.proc.poll() is not None]:
+                run.log.close()
+                running.remove(run)
+                rc = run.proc.returncode
+                status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run.out / 'log.txt'})"
+                print(f"    {run.out}: {status} in {time.perf_counter() - run.started:.0f}s", flush=True)
             if len(running) > at_most:
                 time.sleep(0.2)
 
@@ -98,16 +106,19 @@ def run_all(args: argparse.Namespace) -> None:
             if args.dry_run:
                 continue
             env = {**os.environ, **ENV}
-            if devices:  # the device with the fewest runs in flight
-                env["CUDA_VISIBLE_DEVICES"] = min(devices, key=lambda d: sum(item[4] == d for item in running))
+            device = min(devices, key=lambda d: sum(r.device == d for r in running)) if devices else None
+            if device is not None:  # the device with the fewest runs in flight
+                env["CUDA_VISIBLE_DEVICES"] = device
             out.mkdir(parents=True, exist_ok=True)
             log = open(out / "log.txt", "w", encoding="utf-8")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, out, time.perf_counter(), log, env.get("CUDA_VISIBLE_DEVICES")))
+            running.append(_Run(proc, out, time.perf_counter(), log, device))
         wait_until(0)
     finally:  # interrupted: stop the runs in flight (finished runs keep their results.json)
-        for proc, *_ in running:
-            proc.kill()
+        for run in running:
+            run.proc.kill()
+            run.proc.wait()
+            run.log.close()
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -138,9 +149,14 @@ def _auroc_cell(rows: list[dict[str, Any]]) -> str:
     return " / ".join(f"{statistics.fmean(vals):.3f}" if vals else "–" for vals in means)
 
 
+def _on_accelerator(row: dict[str, Any]) -> bool:
+    """The run's results.json names a device other than 'cpu' (runs that record none count as CPU)."""
+    return row.get("device", "cpu") != "cpu"
+
+
 def _device_mark(rows: list[dict[str, Any]]) -> str:
-    """' †' when a run of the cell ran on an accelerator (results.json ``device`` other than 'cpu')."""
-    return " †" if any(r.get("device", "cpu") != "cpu" for r in rows) else ""
+    """' †' when a run of the cell ran on an accelerator."""
+    return " †" if any(_on_accelerator(r) for r in rows) else ""
 
 
 def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
@@ -170,7 +186,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
         times.append(f"| {dataset} | {k} | " + " | ".join(secs) + " |")
         auc = [_auroc_cell(by_method.get(m, [])) for m in order]
         aurocs.append(f"| {dataset} | {k} | " + " | ".join(auc) + " |")
-    accelerators = sorted({r["device"] for r in rows if r.get("device", "cpu") != "cpu"})
+    accelerators = sorted({r["device"] for r in rows if _on_accelerator(r)})
     legend = (
         f"\n\n† runs on {', '.join(accelerators)}; unmarked cells: CPU (or device not recorded)"
         if accelerators

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +222,7 @@ argv = sys.argv
 out = Path(argv[argv.index("--output_dir") + 1])
 events = out.parent.parent.parent.parent.parent / "events.txt"
 with open(events, "a") as f:
-    f.write(f"start {time.time()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
+    f.write(f"start {time.time()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {os.getpid()}\\n")
 # barrier: wait (at most 10 s) until STUB_PEERS runs have started, so the test sees whether they overlap
 deadline = time.time() + 10
 while events.read_text().count("start") < int(os.environ.get("STUB_PEERS", "1")) and time.time() < deadline:
@@ -274,6 +278,30 @@ def test_table_driver_spreads_runs_over_devices(tmp_path, monkeypatch):
     )
     seen = [line.split()[2] for line in (tmp_path / "events.txt").read_text().splitlines() if line.startswith("start")]
     assert sorted(seen) == ["0", "0", "1", "1"]  # four runs in flight at once, two per GPU
+
+
+def test_table_driver_sigterm_stops_runs_in_flight_and_keeps_finished_ones(tmp_path):
+    _, stub = _stub_driver(tmp_path)
+    root = tmp_path / "runs"
+
+    def driver_cmd(seeds: str) -> list[str]:
+        cmd = [sys.executable, str(RECIPE.parent / "wrench_table.py"), "--datasets", "youtube", "--seeds", seeds]
+        cmd += ["--methods", "finetune", "--clean_per_class", "all", "--python", str(stub)]
+        return cmd + ["--output_root", str(root)]
+
+    assert subprocess.run(driver_cmd("0"), capture_output=True, timeout=60).returncode == 0  # seed 0 finishes
+    # seeds 1 and 2 start together and wait for peers that never come
+    env = {**os.environ, "STUB_PEERS": "4"}
+    driver = subprocess.Popen([*driver_cmd("0,1,2"), "--jobs", "2"], env=env, stdout=subprocess.PIPE)
+    deadline = time.time() + 30
+    while len(_events(tmp_path)) < 4 and time.time() < deadline:  # start+end of seed 0, starts of seeds 1 and 2
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=5) == 128 + signal.SIGTERM
+    pids = [int(line.split()[3]) for line in (tmp_path / "events.txt").read_text().splitlines()[2:]]
+    time.sleep(0.2)
+    assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)  # the runs in flight are gone
+    assert [p.parent.name for p in root.glob("*/k*/*/seed*/results.json")] == ["seed0"]  # the finished one is kept
 
 
 def test_table_driver_time_budget_and_failed_runs(tmp_path, capsys):
