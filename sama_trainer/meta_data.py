@@ -14,6 +14,11 @@ class MetaBatchStream:
     The order depends only on (``seed``, epoch), and the position is saved by :meth:`state_dict`, so a resumed run
     draws exactly the batches an uninterrupted run would. Every batch has ``batch_size`` examples (the tail of an
     epoch that does not fill a batch starts the next epoch).
+
+    With ``lengths`` (one per example) batches hold examples of similar length, as ``transformers``'
+    ``LengthGroupedSampler``: each rank's shard is cut into mega-batches of up to 50 batches, each mega-batch is
+    sorted by length, cut into batches, and the batches are shuffled. A padded batch is then about as long as its
+    examples instead of as its longest one.
     """
 
     def __init__(
@@ -26,10 +31,14 @@ class MetaBatchStream:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        lengths: list[int] | None = None,
     ):
         n = len(dataset)
         if n == 0:
             raise ValueError("the meta dataset is empty")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"got {len(lengths)} lengths for {n} meta examples")
+        self.lengths = lengths
         self.dataset = dataset
         self.collate_fn = collate_fn
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
@@ -48,7 +57,20 @@ class MetaBatchStream:
             order = list(range(n))
         total = self.per_rank * self.world_size
         order = (order * (-(-total // n)))[:total]
-        return order[self.rank : total : self.world_size]
+        shard = order[self.rank : total : self.world_size]
+        return shard if self.lengths is None else self._grouped_by_length(shard)
+
+    def _grouped_by_length(self, shard: list[int]) -> list[int]:
+        size = self.batch_size
+        mega = size * 50
+        batches = []
+        for start in range(0, len(shard), mega):
+            part = sorted(shard[start : start + mega], key=lambda i: -self.lengths[i])
+            batches += [part[i : i + size] for i in range(0, len(part), size)]
+        full = [b for b in batches if len(b) == size]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
+        order = torch.randperm(len(full), generator=g).tolist() if self.shuffle else range(len(full))
+        return [i for j in order for i in full[j]] + [i for b in batches if len(b) < size for i in b]
 
     def next_batch(self) -> Any:
         """The next batch (collated)."""
@@ -62,6 +84,7 @@ class MetaBatchStream:
         return self.collate_fn([self.dataset[i] for i in idx])
 
     def state_dict(self) -> dict[str, int]:
+        """The position in the stream (epoch, examples drawn in it)."""
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

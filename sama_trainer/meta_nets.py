@@ -7,10 +7,17 @@ Call contracts (a user module with the same contract can be passed to ``SAMATrai
   -> Tensor[B, C]`` (a distribution over classes per example).
 
 Inputs are detached by the trainer: the meta nets see values of the base model, never its graph.
-Both nets save and load with ``save_pretrained(dir)`` / ``from_pretrained(dir)``.
+Every net saves and loads with ``save_pretrained(dir)`` / ``from_pretrained(dir)``; :func:`save_meta_model` and
+:func:`load_meta_model` also handle an ``nn.ModuleDict`` of nets (reweighting and correction together).
+:func:`build_weight_net` and :func:`build_correction_net` build the nets a :class:`~sama_trainer.SAMAConfig` asks for.
 """
 
 from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +25,17 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 
-__all__ = ["BootstrapCorrectionNet", "LabelCorrectionNet", "MetaWeightNet", "normalize_weights_per_class"]
+__all__ = [
+    "BootstrapCorrectionNet",
+    "LabelCorrectionNet",
+    "MetaWeightNet",
+    "build_correction_net",
+    "build_weight_net",
+    "load_meta_model",
+    "normalize_weights_per_class",
+    "register_meta_net",
+    "save_meta_model",
+]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -65,10 +82,15 @@ class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
 
     Args:
         hidden_size: width of the hidden layer (100 as in Meta-Weight-Net).
-        use_uncertainty: also feed the predictive entropy of the base model's logits.
+        use_uncertainty: also feed the prediction's uncertainty: the entropy of the softmax of the base model's
+            logits (the second input).
         normalize: rescale the weights of each batch to mean 1 (keeps the base learning rate meaningful).
         weight_scale: output range is (0, weight_scale); 1 as in Meta-Weight-Net, 2 in the authors' BERT example.
         init_bias: initial output-layer bias; 0 gives weights ≈ weight_scale/2 at the start.
+        center: subtract the batch mean of the MLP's outputs before the sigmoid (the output bias is then frozen: it
+            cancels). Use it with ``normalize``: with batch-normalised weights the bias is a direction the meta loss
+            does not depend on, yet Adam turns its tiny noisy gradients into full-size steps, so the bias drifts until
+            the sigmoid saturates and the weights stop learning. Centring removes that direction.
     """
 
     def __init__(
@@ -78,14 +100,18 @@ class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
         normalize: bool = False,
         weight_scale: float = 1.0,
         init_bias: float = 0.0,
+        center: bool = False,
     ):
         super().__init__()
         self.use_uncertainty = use_uncertainty
         self.normalize = normalize
         self.weight_scale = weight_scale
+        self.center = center
         in_features = 2 if use_uncertainty else 1
         self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
         nn.init.constant_(self.net[2].bias, init_bias)
+        if center:
+            self.net[2].bias.requires_grad_(False)  # cancelled by the centring: keep Adam from drifting it
 
     def forward(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         dtype = _work_dtype(self)
@@ -94,7 +120,10 @@ class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
             if logits is None:
                 raise ValueError("MetaWeightNet(use_uncertainty=True) needs the base model's logits")
             features.append(_entropy(logits.to(dtype)).reshape(-1, 1))
-        weights = self.weight_scale * torch.sigmoid(self.net(torch.cat(features, dim=-1))).squeeze(-1)
+        z = self.net(torch.cat(features, dim=-1)).squeeze(-1)
+        if self.center:
+            z = z - z.mean()
+        weights = self.weight_scale * torch.sigmoid(z)
         if self.normalize:
             weights = weights / weights.mean().clamp_min(1e-8)
         return weights
@@ -192,3 +221,82 @@ class BootstrapCorrectionNet(nn.Module, PyTorchModelHubMixin):
 
     def _noisy(self, labels: torch.Tensor) -> torch.Tensor:
         return _label_distribution(labels, self.num_labels, _work_dtype(self))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building from a config, saving and loading
+
+_META_NETS: list[type] = [MetaWeightNet, LabelCorrectionNet, BootstrapCorrectionNet]
+
+
+def register_meta_net(cls: type) -> type:
+    """Let :func:`load_meta_model` recognise a ``PyTorchModelHubMixin`` meta net class by its constructor arguments."""
+    if cls not in _META_NETS:
+        _META_NETS.append(cls)
+    return cls
+
+
+def build_weight_net(args: Any) -> MetaWeightNet:
+    """The weighting network a :class:`~sama_trainer.SAMAConfig` describes (``meta_hidden_size``, ``meta_weight_*``,
+    ``meta_init_bias``, ``meta_use_uncertainty``)."""
+    return MetaWeightNet(
+        hidden_size=args.meta_hidden_size,
+        use_uncertainty=args.meta_use_uncertainty,
+        normalize=args.meta_weight_normalize,
+        weight_scale=args.meta_weight_scale,
+        init_bias=args.meta_init_bias,
+        center=args.meta_weight_center,
+    )
+
+
+def build_correction_net(args: Any, num_labels: int) -> nn.Module:
+    """The label-correction network a :class:`~sama_trainer.SAMAConfig` describes (``correction_*`` fields)."""
+    if args.correction_type == "bootstrap":
+        return BootstrapCorrectionNet(
+            num_labels, hidden_size=args.meta_hidden_size, label_prior=args.correction_label_prior
+        )
+    return LabelCorrectionNet(
+        num_labels,
+        hidden_size=args.meta_hidden_size,
+        label_prior=args.correction_label_prior,
+        mix_noisy=args.correction_mix_noisy,
+    )
+
+
+def save_meta_model(meta_model: nn.Module, path: str) -> None:
+    """Save a meta network so that :func:`load_meta_model` (or ``Class.from_pretrained``) can load it back."""
+    if isinstance(meta_model, nn.ModuleDict):
+        for key, module in meta_model.items():
+            save_meta_model(module, os.path.join(path, key))
+        return
+    if hasattr(meta_model, "save_pretrained"):
+        meta_model.save_pretrained(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+        torch.save(meta_model.state_dict(), os.path.join(path, "meta_model.pt"))
+
+
+def load_meta_model(path: str, meta_model: nn.Module | None = None) -> nn.Module:
+    """Load a meta network saved by :func:`save_meta_model` (pass ``meta_model`` for modules without a config)."""
+    if meta_model is not None:
+        if isinstance(meta_model, nn.ModuleDict):
+            for key in meta_model:
+                load_meta_model(os.path.join(path, key), meta_model[key])
+            return meta_model
+        weights = os.path.join(path, "meta_model.pt")
+        if os.path.isfile(weights):
+            meta_model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        else:
+            loaded = type(meta_model).from_pretrained(path)
+            meta_model.load_state_dict(loaded.state_dict())
+        return meta_model
+    subdirs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json")))
+    if subdirs and not os.path.isfile(os.path.join(path, "config.json")):
+        return nn.ModuleDict({key: load_meta_model(os.path.join(path, key)) for key in subdirs})
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    # the registered net whose constructor takes exactly the saved arguments
+    for cls in _META_NETS:
+        if set(config) == set(inspect.signature(cls.__init__).parameters) - {"self"}:
+            return cls.from_pretrained(path)
+    raise ValueError(f"{path}: not a built-in meta net (config keys {sorted(config)}); pass meta_model= to load it")

@@ -1,51 +1,173 @@
-"""The SAMA section appended to the ``Trainer`` model card."""
+"""Hub model cards for models trained with ``SAMATrainer`` (and for the plain baselines of the recipes).
+
+Cards are ``huggingface_hub.ModelCard``s: YAML metadata (``base_model``, ``datasets``, ``library_name``, ``tags`` and a
+``model-index`` with the test metric when one is given) followed by a short text: what the model is, how it was
+trained, the SAMA hyperparameters with the values actually used, and the citation.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-_FIELDS = (
+
+__all__ = ["CardMetric", "base_model_id", "build_model_card", "sama_card_section"]
+
+SAMA_FIELDS = (
     "meta_gradient",
     "meta_objective",
     "unroll_steps",
-    "sama_alpha",
     "sama_base_update",
-    "sama_bias_correction",
     "meta_learning_rate",
+    "correction_meta_learning_rate",
     "meta_weight_decay",
     "meta_batch_size",
     "meta_warmup_steps",
+    "meta_weight_normalize",
+    "meta_weight_normalize_by_class",
+    "meta_weight_center",
     "meta_gradient_kwargs",
 )
+TRAINING_FIELDS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "lr_scheduler_type",
+    "optim",
+    "weight_decay",
+    "seed",
+)
+PAPER_URL = "https://huggingface.co/papers/2310.05674"
+
+
+@dataclass
+class CardMetric:
+    """One result for the card's ``model-index``: e.g. ``CardMetric("accuracy", 0.95, "WRENCH youtube", "test")``."""
+
+    metric: str
+    value: float
+    dataset_name: str
+    split: str = "test"
+    dataset_type: str | None = None
+
+
+def base_model_id(model: Any) -> str | None:
+    """The name of the model ``model`` was fine-tuned from: its config's ``_name_or_path`` unless that is a local
+    folder (a folder name says nothing on the Hub) or empty (a model built from a config). None otherwise."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if not name or os.path.isabs(name) or os.path.isdir(name):
+        return None
+    return str(name)
+
+
+def _value(x: Any) -> str:
+    return f"`{x}`"
 
 
 def sama_card_section(trainer: Any) -> str:
-    """Markdown describing how the model was trained with SAMA: method, hyperparameters, meta data, citation."""
+    """Markdown on how a ``SAMATrainer`` trained the model: method, meta network, meta set, hyperparameters."""
     args = trainer.args
-    rows = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in _FIELDS)
-    meta_size = len(trainer.meta_dataset) if trainer.meta_dataset is not None else 0
-    meta_params = sum(p.numel() for p in trainer.meta_model.parameters())
-    paper = trainer._paper
-    return f"""## Trained with SAMA meta learning
+    rows = [("sama_alpha (used)", args.meta_alpha)]
+    rows += [(name, getattr(args, name)) for name in SAMA_FIELDS]
+    table = "\n".join(f"| `{name}` | {_value(value)} |" for name, value in rows)
+    size = sum(p.numel() for p in trainer.meta_model.parameters())
+    net = f"`{type(trainer.meta_model).__name__}`, {size} parameters"
+    return f"""## Training with SAMA
 
-This model was trained with [sama-trainer](https://github.com/) `SAMATrainer`, which implements SAMA
-([{paper["title"]}](https://huggingface.co/papers/{paper["id"]})): every `unroll_steps` base optimizer steps, a
-meta network (`{type(trainer.meta_model).__name__}`, {meta_params} parameters) is updated with a first-order
-meta-gradient so that the base model trained on the reweighted / label-corrected training data does well on a clean
-meta set of {meta_size} examples. Meta steps run: {trainer.meta_step_count} (skipped for non-finite values:
-{trainer.meta_steps_skipped}).
+Trained with `SAMATrainer` (sama-trainer), which implements SAMA
+([Making Scalable Meta Learning Practical]({PAPER_URL}), NeurIPS 2023): every `unroll_steps` base optimizer
+steps, a meta network ({net}) takes a first-order meta-gradient step so that the model trained on the
+reweighted / label-corrected training data does well on a meta set of {len(trainer.meta_dataset)} examples.
+Meta steps: {trainer.meta_step_count}, of which {trainer.meta_steps_skipped} were skipped for non-finite values.
 
-| SAMA hyperparameter | value |
+| SAMA setting | value |
 |---|---|
-{rows}
+{table}
 
 The meta network is saved next to the model in `sama_meta_model/` and loads with
-`sama_trainer.load_meta_model(path)`.
+`sama_trainer.load_meta_model(path)`."""
 
-### Citation
 
-```bibtex
-{paper["citation"]}
-```
-"""
+SAMA_CITATION = """@inproceedings{choe2023sama,
+    title     = {{Making Scalable Meta Learning Practical}},
+    author    = {Sang Keun Choe and Sanket Vaibhav Mehta and Hwijeen Ahn and Willie Neiswanger and
+                 Pengtao Xie and Emma Strubell and Eric Xing},
+    booktitle = {Advances in Neural Information Processing Systems},
+    year      = 2023
+}"""
+
+
+def build_model_card(
+    *,
+    model_name: str,
+    summary: str,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    metrics: list[CardMetric] | None = None,
+    training_args: Any = None,
+    sections: list[str] | None = None,
+    task: str = "text-classification",
+    cite_sama: bool = False,
+) -> ModelCard:
+    """A model card with metadata a Hub page can index and a short human-readable text.
+
+    Args:
+        model_name: the card's title and ``model-index`` name.
+        summary: one or two sentences on what the model does and how it was trained.
+        base_model: the model it was fine-tuned from (see :func:`base_model_id`); None for a model trained from
+            randomly initialised weights.
+        datasets: dataset names or Hub ids it was trained on.
+        tags: extra tags (``generated_from_trainer`` and ``text-classification`` are always added).
+        metrics: results for the ``model-index`` (e.g. the test metric).
+        training_args: ``TrainingArguments`` whose main hyperparameters are listed.
+        sections: further markdown sections (e.g. :func:`sama_card_section`).
+        cite_sama: add the SAMA citation.
+    """
+    metrics = metrics or []
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=datasets or None,
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=list(dict.fromkeys(["generated_from_trainer", task, *(tags or [])])),
+        model_name=model_name,
+        eval_results=[
+            EvalResult(
+                task_type=task,
+                dataset_type=m.dataset_type or m.dataset_name,
+                dataset_name=m.dataset_name,
+                dataset_split=m.split,
+                metric_type=m.metric,
+                metric_value=float(m.value),
+            )
+            for m in metrics
+        ]
+        or None,
+    )
+    origin = (
+        f"It was fine-tuned from [{base_model}](https://huggingface.co/{base_model})."
+        if base_model
+        else "It was trained from randomly initialised weights."
+    )
+    parts = [f"# {model_name}", f"{summary} {origin}"]
+    if metrics:
+        rows = "\n".join(f"| {m.dataset_name} | {m.split} | {m.metric} | {m.value:.4f} |" for m in metrics)
+        parts.append(f"## Results\n\n| dataset | split | metric | value |\n|---|---|---|---|\n{rows}")
+    if training_args is not None:
+        rows = "\n".join(
+            f"| `{name}` | {_value(getattr(training_args, name))} |"
+            for name in TRAINING_FIELDS
+            if hasattr(training_args, name)
+        )
+        parts.append(f"## Training hyperparameters\n\n| setting | value |\n|---|---|\n{rows}")
+    parts += sections or []
+    if cite_sama:
+        parts.append(f"## Citation\n\n```bibtex\n{SAMA_CITATION}\n```")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")

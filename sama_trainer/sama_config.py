@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .meta_gradient import available_methods
+from .meta_gradient import available_methods, default_alpha
 
 
 META_OBJECTIVES = ("reweight", "correct", "reweight+correct")
@@ -33,10 +33,11 @@ class SAMAConfig(TrainingArguments):
             After each meta step leave θ at θ - εu (a step that lowers the meta loss to first order), as in the
             paper's experiments; `False` restores θ bit-for-bit. Applies to the finite-difference methods
             (`sama`, `sama-na`, `t1t2`); the other methods always restore θ.
-        sama_bias_correction (`bool`, defaults to `True`):
-            Include Adam's bias correction in du/dg (`False` reproduces the authors' reference library).
         meta_learning_rate (`float`, defaults to `1e-3`):
             Learning rate of the meta optimizer (Adam) that updates the meta network.
+        correction_meta_learning_rate (`float`, *optional*):
+            Learning rate of the label-correction network when both nets are learned (`reweight+correct`); default:
+            `meta_learning_rate`.
         meta_weight_decay (`float`, defaults to `0.0`):
             Weight decay of the meta optimizer.
         meta_batch_size (`int`, *optional*):
@@ -49,6 +50,15 @@ class SAMAConfig(TrainingArguments):
             Hidden width of the default meta networks.
         meta_weight_normalize (`bool`, defaults to `False`):
             Normalise the weights of each batch to mean 1 (default `MetaWeightNet` only).
+        meta_weight_center (`bool`, defaults to `False`):
+            Centre the weighting net's outputs per batch before the sigmoid (its output bias is frozen); use it with
+            `meta_weight_normalize`, where the bias would otherwise drift until the weights saturate.
+        meta_weight_scale (`float`, defaults to `1.0`):
+            The default weighting net's weights lie in (0, `meta_weight_scale`).
+        meta_init_bias (`float`, defaults to `0.0`):
+            Initial output bias of the default weighting net (0: weights start at `meta_weight_scale` / 2).
+        meta_use_uncertainty (`bool`, defaults to `False`):
+            The default weighting net also sees the prediction's uncertainty (entropy of the softmax).
         meta_weight_normalize_by_class (`bool`, defaults to `False`):
             Rescale the weights to mean 1 within each given class of the batch (any weight net): weights then only
             move trust between examples of the same class and cannot shift the class balance of the training labels
@@ -62,6 +72,16 @@ class SAMAConfig(TrainingArguments):
         correction_label_prior (`float`, defaults to `3.0`):
             Initial trust in the given label of the default correction net (logit bonus of the given label for
             `"free"`; the mix starts at sigmoid(-prior) for `"bootstrap"`).
+        meta_group_by_length (`bool`, *optional*):
+            Draw meta batches of similar length (less padding). Default: as the base batches
+            (`train_sampling_strategy="group_by_length"`).
+        example_id_column (`str`, defaults to `"example_id"`):
+            A training-set column with each example's index in `[0, len(train_dataset))`. When present, the trainer
+            keeps it away from the model and records the weight every example receives in each epoch
+            (`SAMATrainer.weight_history`).
+
+    Defaults that differ from `TrainingArguments`: `ddp_find_unused_parameters=False` (every parameter of a
+    classifier is used in every step; set it to `True` for a model with branches that some batches skip).
     """
 
     meta_gradient: str = field(default="sama", metadata={"help": "Meta-gradient method: sama, sama-na, ..."})
@@ -75,8 +95,11 @@ class SAMAConfig(TrainingArguments):
     sama_base_update: bool = field(
         default=True, metadata={"help": "Leave θ at θ-εu after each meta step (as the paper); False restores θ."}
     )
-    sama_bias_correction: bool = field(default=True, metadata={"help": "Adam bias correction in du/dg."})
     meta_learning_rate: float = field(default=1e-3, metadata={"help": "Meta optimizer (Adam) learning rate."})
+    correction_meta_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Meta learning rate of the label-correction net (default: meta_learning_rate)."},
+    )
     meta_weight_decay: float = field(default=0.0, metadata={"help": "Meta optimizer weight decay."})
     meta_batch_size: int | None = field(
         default=None, metadata={"help": "Per-device meta batch size (default: per_device_train_batch_size)."}
@@ -87,6 +110,14 @@ class SAMAConfig(TrainingArguments):
     )
     meta_hidden_size: int = field(default=100, metadata={"help": "Hidden width of the default meta networks."})
     meta_weight_normalize: bool = field(default=False, metadata={"help": "Normalise weights to batch mean 1."})
+    meta_weight_center: bool = field(
+        default=False, metadata={"help": "Centre the weighting net's outputs per batch (use with normalisation)."}
+    )
+    meta_weight_scale: float = field(default=1.0, metadata={"help": "Weights lie in (0, meta_weight_scale)."})
+    meta_init_bias: float = field(default=0.0, metadata={"help": "Initial output bias of the weighting net."})
+    meta_use_uncertainty: bool = field(
+        default=False, metadata={"help": "The weighting net also sees the prediction's entropy."}
+    )
     meta_weight_normalize_by_class: bool = field(
         default=False, metadata={"help": "Normalise weights to mean 1 within each given class of the batch."}
     )
@@ -99,6 +130,17 @@ class SAMAConfig(TrainingArguments):
     )
     correction_label_prior: float = field(
         default=3.0, metadata={"help": "Initial logit bonus of the given label in the default correction net."}
+    )
+
+    meta_group_by_length: bool | None = field(
+        default=None, metadata={"help": "Meta batches of similar length (default: as the base batches)."}
+    )
+    example_id_column: str = field(
+        default="example_id", metadata={"help": "Training-set column with example indices (weight statistics)."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP find_unused_parameters (False: every parameter gets a gradient in every step)."},
     )
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["meta_gradient_kwargs"]
@@ -116,6 +158,10 @@ class SAMAConfig(TrainingArguments):
             raise ValueError(f"sama_alpha must be > 0 (got {self.sama_alpha})")
         if self.meta_learning_rate < 0 or self.meta_weight_decay < 0:
             raise ValueError("meta_learning_rate and meta_weight_decay must be >= 0")
+        if self.correction_meta_learning_rate is not None and self.correction_meta_learning_rate < 0:
+            raise ValueError("correction_meta_learning_rate must be >= 0")
+        if not self.meta_weight_scale > 0:
+            raise ValueError(f"meta_weight_scale must be > 0 (got {self.meta_weight_scale})")
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ValueError(f"meta_batch_size must be >= 1 (got {self.meta_batch_size})")
         if self.meta_warmup_steps < 0:
@@ -129,3 +175,15 @@ class SAMAConfig(TrainingArguments):
         super().__post_init__()
         if self.meta_gradient_kwargs is None:
             self.meta_gradient_kwargs = {}
+
+    @property
+    def meta_alpha(self) -> float | None:
+        """The step size the meta-gradient method uses: ``sama_alpha``, or the method's default."""
+        return self.sama_alpha if self.sama_alpha is not None else default_alpha(self.meta_gradient)
+
+    @property
+    def meta_batches_grouped_by_length(self) -> bool:
+        """Whether meta batches are drawn grouped by length (``meta_group_by_length``, else as the base batches)."""
+        if self.meta_group_by_length is not None:
+            return self.meta_group_by_length
+        return getattr(self, "train_sampling_strategy", None) == "group_by_length"

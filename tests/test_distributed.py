@@ -73,11 +73,14 @@ def test_two_ranks_of_four_match_one_rank_of_eight_for_base_steps(ddp_results):
 @pytest.mark.distributed
 def test_communication_per_meta_step(ddp_results):
     ranks, _ = ddp_results
+    from sama_trainer.meta_gradient import SKIP_REASONS
+
+    flags = 4 * len(SKIP_REASONS)  # the skip agreement rides along with the meta-gradient: one float per reason
     restore, update = ranks[0]["restore"], ranks[0]["base_update"]
-    assert restore["comm_calls_per_meta_step"] == 1  # the meta-gradient only
-    assert restore["comm_bytes_per_meta_step"] == restore["lambda_bytes"]
+    assert restore["comm_calls_per_meta_step"] == 1  # the meta-gradient (and the agreement) only
+    assert restore["comm_bytes_per_meta_step"] == restore["lambda_bytes"] + flags
     assert update["comm_calls_per_meta_step"] == 2  # + the base update θ ← θ - mean_r(ε_r·u_r)
-    assert update["comm_bytes_per_meta_step"] == update["lambda_bytes"] + update["theta_bytes"]
+    assert update["comm_bytes_per_meta_step"] == update["lambda_bytes"] + flags + update["theta_bytes"]
 
 
 @pytest.mark.distributed

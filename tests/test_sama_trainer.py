@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from sama_trainer import (
     BootstrapCorrectionNet,
+    ClassificationObjective,
     LabelCorrectionNet,
     MetaWeightNet,
     SAMATrainer,
@@ -111,7 +112,7 @@ def test_save_model_writes_loadable_meta_net_and_model_card(tmp_path):
         assert torch.equal(a.cpu(), loaded_state[n]), n
     trainer.create_model_card(model_name="tiny")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "Trained with SAMA meta learning" in card and "unroll_steps" in card and "2310.05674" in card
+    assert "Training with SAMA" in card and "unroll_steps" in card and "2310.05674" in card
     assert "- sama" in card and "[](https://huggingface.co/)" not in card
 
 
@@ -166,14 +167,14 @@ def test_normalize_weights_per_class_matches_hand_computation():
     )
 
 
-class RecordingTrainer(SAMATrainer):
+class RecordingObjective(ClassificationObjective):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def meta_objective(self, losses, logits, labels):
-        loss, weights = super().meta_objective(losses, logits, labels)
-        self.seen.append((weights.detach(), labels))
+    def weighted_loss(self, meta_model, examples):
+        loss, weights = super().weighted_loss(meta_model, examples)
+        self.seen.append((weights.detach(), examples.labels))
         return loss, weights
 
 
@@ -181,11 +182,12 @@ class RecordingTrainer(SAMATrainer):
 def test_weights_normalized_by_class_in_every_pass_and_in_the_export(tmp_path, objective):
     train, meta = datasets()
     args = make_args(tmp_path, meta_objective=objective, meta_weight_normalize_by_class=True)
-    trainer = RecordingTrainer(tiny_bert(), args, train, meta)
+    recording = RecordingObjective.from_config(args)
+    trainer = SAMATrainer(tiny_bert(), args, train, meta, objective=recording)
     meta_before = params_of(trainer.meta_model["reweight"] if "+" in objective else trainer.meta_model)
     trainer.train()
-    assert len(trainer.seen) == 12 + 2 * 6  # every base step and both perturbed passes of each meta step
-    for weights, labels in trainer.seen:
+    assert len(recording.seen) == 12 + 2 * 6  # every base step and both perturbed passes of each meta step
+    for weights, labels in recording.seen:
         for c in labels.unique():
             assert weights[labels == c].mean().item() == pytest.approx(1.0, abs=1e-5)
     after = trainer.meta_model["reweight"] if "+" in objective else trainer.meta_model

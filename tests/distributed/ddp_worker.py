@@ -82,9 +82,10 @@ def hand_estimator(trainer, alpha):
             for p, t, vi in zip(params, probe["theta"], v):
                 p.copy_(t + sign * eps * vi)
         total = 0.0
-        for inputs, y in probe["batches"]:
+        for batch in probe["batches"]:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
             with torch.no_grad():
-                losses = per_example_cross_entropy(model(**inputs).logits, y)
+                losses = per_example_cross_entropy(model(**inputs).logits, batch["labels"])
             total = total + (net(losses) * losses).mean()
         return torch.autograd.grad(total / len(probe["batches"]), list(net.parameters()))
 

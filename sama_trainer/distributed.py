@@ -1,0 +1,70 @@
+"""Collectives of the meta step under DDP: one agreement per meta step folded into the meta-gradient all-reduce.
+
+Each rank computes its meta-gradient locally (its own meta shard and base batch). Whether a rank must skip (a
+non-finite value, a skipped base step, an exception) changes which collectives it would issue next, so every rank
+first sends its meta-gradient together with one flag per skip reason in a single all-reduce: all ranks then see the
+same flags and take the same branch, and on the good path this costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .meta_gradient import SKIP_REASONS
+
+
+__all__ = ["MetaStepFailedOnAnotherRank", "RankAgreement", "all_reduce_mean_"]
+
+
+class MetaStepFailedOnAnotherRank(RuntimeError):
+    """Raised on the ranks whose meta step went fine when another rank's meta step raised an exception."""
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], world_size: int) -> None:
+    """Average ``tensors`` across ranks in place with one collective (no-op for one process)."""
+    if world_size <= 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class RankAgreement:
+    """The :data:`~sama_trainer.meta_gradient.Agreement` of a DDP job: sums ``[meta-gradients, skip flags]``.
+
+    If no rank flags a reason, the meta-gradients become their mean over ranks; otherwise every rank skips the step
+    with the reasons of all ranks. A rank whose meta step raised re-raises its own exception after the collective;
+    the other ranks raise :class:`MetaStepFailedOnAnotherRank`, so the whole job ends instead of waiting for a rank
+    that is gone.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def __call__(self, grads: list[torch.Tensor], reason: str | None) -> tuple[bool, list[str]]:
+        device = grads[0].device if grads else torch.device("cpu")
+        flags = torch.zeros(len(SKIP_REASONS), device=device)
+        if reason is not None:
+            flags[SKIP_REASONS.index(reason)] = 1.0
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags])
+        dist.all_reduce(flat)
+        counts = flat[-len(SKIP_REASONS) :].tolist()
+        seen = {r: int(c) for r, c in zip(SKIP_REASONS, counts) if c > 0}
+        if seen.get("error") and reason != "error":
+            raise MetaStepFailedOnAnotherRank(
+                f"the meta step raised an exception on {seen['error']} other rank(s) of {self.world_size}; "
+                "its traceback is in that rank's output"
+            )
+        if seen:
+            return False, list(seen)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return True, []

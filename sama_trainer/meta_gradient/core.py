@@ -1,0 +1,243 @@
+"""Building blocks shared by the meta-gradient methods: gradients of the meta loss, the adapted direction u formed in
+place, norms, and the ±εd perturbation of θ behind every finite difference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..adaptation import adaptation_diagonal_into_
+from .registry import LossClosure
+
+
+__all__ = [
+    "Perturbation",
+    "adapted_meta_loss_gradients",
+    "central_difference",
+    "global_norm",
+    "grads_or_zeros",
+    "meta_loss_gradients",
+]
+
+
+def _zeros_where_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+
+
+def grads_or_zeros(loss: torch.Tensor, params: Sequence[torch.Tensor], **kwargs: Any) -> list[torch.Tensor]:
+    """``autograd.grad`` that returns zeros for parameters the loss does not depend on."""
+    params = list(params)
+    if not params:
+        return []
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    return _zeros_where_none(torch.autograd.grad(loss, params, allow_unused=True, **kwargs), params)
+
+
+def meta_loss_gradients(
+    meta_loss: LossClosure,
+    base_params: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    loss_scale: float = 1.0,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One backward of L_meta: returns (L_meta detached, v = ∂L_meta/∂θ, direct = ∂L_meta/∂λ).
+
+    ``loss_scale`` multiplies L_meta before the backward and divides the gradients after it (fp16: keeps small
+    gradients from underflowing, as a grad scaler does).
+    """
+    loss = meta_loss()
+    grads = grads_or_zeros(loss * loss_scale if loss_scale != 1.0 else loss, list(base_params) + list(meta_params))
+    if loss_scale != 1.0:
+        with torch.no_grad():
+            torch._foreach_div_(grads, loss_scale)
+    n = len(base_params)
+    return loss.detach(), grads[:n], grads[n:]
+
+
+def adapted_meta_loss_gradients(
+    meta_loss: LossClosure,
+    base_params: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    *,
+    optimizer: Any = None,
+    last_grads: Sequence[torch.Tensor] | None = None,
+    bias_correction: bool = True,
+    loss_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One backward of L_meta that forms u = (du/dg) ⊙ v in ``buffers`` without ever holding a θ-sized v.
+
+    du/dg (identity when ``optimizer`` is None) is first written into ``buffers`` (which may be ``last_grads``: the
+    gradients of a finished optimizer step are consumed here); a hook on each base parameter then multiplies its
+    slice of v into its buffer as soon as the backward produces it, and v's slice is freed at once.
+    Returns (L_meta detached, ‖v‖₂, u = ``buffers``, direct = ∂L_meta/∂λ).
+    """
+    base_params, buffers = list(base_params), list(buffers)
+    with torch.no_grad():
+        if optimizer is not None:
+            adaptation_diagonal_into_(optimizer, base_params, last_grads, buffers, bias_correction=bias_correction)
+        else:
+            for b in buffers:
+                b.fill_(1.0)
+    norms: list[torch.Tensor] = []
+    reached = [False] * len(base_params)
+
+    def hook_for(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                if loss_scale != 1.0:
+                    grad = grad / loss_scale
+                norms.append(torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)))
+                buffers[i].mul_(grad)
+            reached[i] = True
+            return buffers[i]
+
+        return hook
+
+    handles = [p.register_hook(hook_for(i)) for i, p in enumerate(base_params)]
+    try:
+        loss = meta_loss()
+        grads = grads_or_zeros(loss * loss_scale if loss_scale != 1.0 else loss, base_params + list(meta_params))
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        for i, hit in enumerate(reached):
+            if not hit:  # L_meta does not depend on this parameter: v = 0 there
+                buffers[i].zero_()
+        direct = grads[len(base_params) :]
+        if loss_scale != 1.0 and direct:
+            torch._foreach_div_(direct, loss_scale)
+        v_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return loss.detach(), v_norm, buffers, direct
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖concat(tensors)‖₂ in float32 (a 0-dim tensor)."""
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm([t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def _rng_devices(params: Sequence[torch.Tensor]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+class Perturbation:
+    """θ moved to θ + t·ε·d for the passes of a finite difference, then back to θ or on to θ - εd.
+
+    With a saved copy of θ (into ``workspace`` if given, e.g. gradient buffers that are no longer needed) every move
+    starts from the copy, so returning to θ is bit-exact. Without one (``save=False``, float32/64 parameters only) θ
+    is moved arithmetically: θ + εd, then (θ + εd) - 2εd, which equals θ - εd up to rounding and keeps no θ-sized
+    copy.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        direction: Sequence[torch.Tensor],
+        eps: float,
+        *,
+        save: bool = True,
+        workspace: Sequence[torch.Tensor] | None = None,
+    ):
+        self.params, self.direction, self.eps = list(params), list(direction), eps
+        self.saved: list[torch.Tensor] | None = None
+        if save:
+            with torch.no_grad():
+                if workspace is None:
+                    self.saved = [p.detach().clone() for p in self.params]
+                else:
+                    self.saved = list(workspace)
+                    torch._foreach_copy_(self.saved, [p.detach() for p in self.params])
+        self.position = 0.0  # θ currently sits at θ + position·d
+
+    @torch.no_grad()
+    def move_to(self, target: float) -> None:
+        """Put θ at θ + target·d."""
+        if target == self.position:
+            return
+        if self.saved is None:  # arithmetic move: exact up to rounding
+            torch._foreach_add_(self.params, self.direction, alpha=target - self.position)
+        else:  # from the saved copy: bit-exact
+            if self.position != 0.0:
+                torch._foreach_copy_(self.params, self.saved)
+            if target != 0.0:
+                torch._foreach_add_(self.params, self.direction, alpha=target)
+        self.position = target
+
+    def difference(
+        self, meta_params: Sequence[torch.Tensor], base_loss: LossClosure, share_rng: bool = True
+    ) -> list[torch.Tensor]:
+        """[∇_λ L_base(θ + εd) - ∇_λ L_base(θ - εd)] / (2ε) by two first-order passes; θ is left at θ - εd.
+
+        With ``share_rng`` both passes see the same RNG state (the same dropout masks) and the global RNG is left as
+        it was. On an exception θ is put back first.
+        """
+        devices = _rng_devices(self.params) if share_rng else None
+
+        def grads_at(target: float) -> list[torch.Tensor]:
+            self.move_to(target)
+            if devices is None:
+                return grads_or_zeros(base_loss(), meta_params)
+            with torch.random.fork_rng(devices=devices):
+                return grads_or_zeros(base_loss(), meta_params)
+
+        try:
+            grad_plus = grads_at(self.eps)
+            grad_minus = grads_at(-self.eps)
+        except BaseException:
+            self.restore()
+            raise
+        with torch.no_grad():
+            diff = torch._foreach_sub(grad_plus, grad_minus)
+            torch._foreach_div_(diff, 2.0 * self.eps)
+        return diff
+
+    def restore(self) -> None:
+        """Put θ back (bit-exact with a saved copy)."""
+        self.move_to(0.0)
+
+    @torch.no_grad()
+    def base_update(self, step_hook: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+        """Leave θ at θ - εd; ``step_hook`` may change the step εd in place first (e.g. average it across ranks)."""
+        if self.saved is None:
+            if step_hook is not None:
+                raise ValueError("a step hook needs a saved copy of θ (save=True)")
+            self.move_to(-self.eps)  # where difference() left it: nothing to do
+            return
+        self.move_to(0.0)
+        step = torch._foreach_mul(self.direction, self.eps)
+        if step_hook is not None:
+            step_hook(step)
+        torch._foreach_sub_(self.params, step)
+        self.position = float("nan")  # θ - mean step: not on the line any more
+
+
+def central_difference(
+    base_params: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    base_loss: LossClosure,
+    direction: Sequence[torch.Tensor],
+    eps: float,
+    *,
+    restore: bool = True,
+    workspace: Sequence[torch.Tensor] | None = None,
+    share_rng: bool = True,
+) -> tuple[list[torch.Tensor], bool]:
+    """[∇_λ L_base(θ + εd) - ∇_λ L_base(θ - εd)] / (2ε) ≈ (∂²L_base/∂λ∂θ)·d, by two first-order passes.
+
+    θ is restored bit-for-bit, or with ``restore=False`` left at θ - εd (the paper's extra base update). Returns (the
+    difference quotient, whether it is finite); a non-finite result always restores θ.
+    """
+    perturbation = Perturbation(base_params, direction, eps, workspace=workspace)
+    diff = perturbation.difference(meta_params, base_loss, share_rng)
+    finite = bool(torch.isfinite(global_norm(diff)).item()) if diff else True
+    if restore or not finite:
+        perturbation.restore()
+    else:
+        perturbation.base_update()
+    return diff, finite
