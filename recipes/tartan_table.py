@@ -13,7 +13,7 @@ Examples::
 
     # the scaled-down offline CPU protocol (see recipes/configs/tartan_cpu.yaml)
     python recipes/tartan_table.py --output_root outputs/tartan_cpu --config recipes/configs/tartan_cpu.yaml \\
-        --jobs 2 --threads 1 -- --model_name_or_path /path/to/all-MiniLM-L6-v2
+        --jobs 2 --threads 1 -- --model_name_or_path path/to/all-MiniLM-L6-v2
 
     python recipes/tartan_table.py --output_root outputs/tartan_cpu --aggregate_only
 
@@ -120,6 +120,13 @@ def make_table(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, di
     return "\n".join(lines), data
 
 
+def model_label(result: dict[str, Any]) -> str:
+    """The encoder a run used, by its Hub id (a local folder by its name only) and the layers kept."""
+    name = result.get("base_model") or os.path.basename(str(result["model"]).rstrip("/"))
+    layers = (result.get("args") or {}).get("num_hidden_layers")
+    return f"`{name}`" + (f" (first {layers} layers)" if layers else "")
+
+
 def write_table(root: str) -> str:
     rows = collect(root)
     if not rows:
@@ -128,11 +135,10 @@ def write_table(root: str) -> str:
     dev_table, dev_data = make_table(rows, "dev")
     cpu = sum(r.get("cpu_time_s", 0.0) for r in rows)
     wall = sum(r.get("runtime_s", 0.0) for r in rows)
-    example = rows[0]
     paper = ", ".join(f"{METHOD_NAMES[m]} {v}" for m, v in PAPER_AVERAGE.items())
     text = f"""# TARTAN table ({len(rows)} runs in `{root}`)
 
-Test scores ×100, mean ± sample std over seeds (n=3 unless shown). Model: `{example["model"]}`.
+Test scores ×100, mean ± sample std over seeds (n=3 unless shown). Model: {model_label(rows[0])}.
 
 {test_table}
 
