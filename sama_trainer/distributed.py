@@ -8,17 +8,32 @@ same flags and take the same branch, and on the good path this costs no extra ro
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
 from .meta_gradient import SKIP_REASONS
 
 
-__all__ = ["MetaStepFailedOnAnotherRank", "RankAgreement", "all_reduce_mean_"]
+__all__ = ["MetaStepFailedOnAnotherRank", "RankAgreement", "all_reduce_mean_", "apply_ddp_timeout"]
 
 
 class MetaStepFailedOnAnotherRank(RuntimeError):
     """Raised on the ranks whose meta step went fine when another rank's meta step raised an exception."""
+
+
+def apply_ddp_timeout(seconds: float) -> None:
+    """Make ``seconds`` the collective timeout of a gloo (CPU) process group.
+
+    ``TrainingArguments`` hands ``ddp_timeout`` to the process group on GPUs only; a CPU job would otherwise wait
+    torch's default of 30 minutes for a rank that stopped answering.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], world_size: int) -> None:

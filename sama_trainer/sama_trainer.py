@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from transformers import Trainer, TrainerCallback
 
 from .adaptation import check_adaptation_supported, unwrap_optimizer
 from .checkpoint import META_STATE_NAME, atomic_save, rank_state_name, resolve_resume_checkpoint
-from .distributed import RankAgreement, all_reduce_mean_
+from .distributed import RankAgreement, all_reduce_mean_, apply_ddp_timeout
 from .losses import soft_cross_entropy
 from .meta_data import MetaBatchStream
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
@@ -129,6 +130,8 @@ class SAMATrainer(Trainer):
         self.objective = objective or ClassificationObjective.from_config(args)
         model = self._wrap_peft(model, peft_config)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if args.world_size > 1:
+            apply_ddp_timeout(args.ddp_timeout)  # Trainer passes it to the process group on GPUs only
         # Our loss is a plain per-micro-batch mean: keep the Trainer from multiplying it by GA x world size.
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
@@ -308,14 +311,36 @@ class SAMATrainer(Trainer):
         if step <= self.args.meta_warmup_steps or step % self.args.unroll_steps != 0:
             return
         if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the base step did not happen
-            agree = self._agreement()
-            reasons = ["base_step_skipped"]
-            if agree is not None:  # the other ranks may be in their meta step's collective: answer it
-                meta_params = [p for p in self.meta_model.parameters() if p.requires_grad]
-                reasons = agree([torch.zeros_like(p) for p in meta_params], "base_step_skipped")[1]
-            self._count_skip(reasons)
+            self._skip_meta_step("base_step_skipped")
             return
         self.meta_step(micro_batches)
+
+    def _meta_params(self) -> list[torch.Tensor]:
+        return [p for p in self.meta_model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def _agreeing_on_error(self, agree: RankAgreement | None, meta_params: list[torch.Tensor]):
+        """Code of the meta step that runs before the agreement: if it raises (a user's callback or meta collator),
+        this rank answers the agreement with ``error`` first, so that no other rank waits for it."""
+        try:
+            yield
+        except Exception:
+            if agree is not None:
+                agree([torch.zeros_like(p) for p in meta_params], "error")
+            raise
+
+    def _skip_meta_step(self, reason: str) -> MetaGradients:
+        """A meta step this rank does not run: it still answers the other ranks' agreement (they may be running
+        theirs) and counts the step as skipped, so counters and collectives stay the same on every rank."""
+        meta_params, agree = self._meta_params(), self._agreement()
+        with self._agreeing_on_error(agree, meta_params):
+            self._call_meta_event("on_meta_step_begin")
+        reasons = [reason]
+        if agree is not None:
+            reasons = agree([torch.zeros_like(p) for p in meta_params], reason)[1]
+        grads = MetaGradients.skip(meta_params, {}, reasons)
+        self._finish_meta_step(grads, meta_params)
+        return grads
 
     def _loss_scale_option(self) -> dict[str, float]:
         """fp16 with a grad scaler: scale the meta loss's backward as the base step's is scaled."""
@@ -341,18 +366,14 @@ class SAMATrainer(Trainer):
         step that just ran), so gradient accumulation does not change the meta-gradient.
         """
         args, objective, meta_model = self.args, self.objective, self.meta_model
-        self._call_meta_event("on_meta_step_begin")
         model = self.model  # unwrapped: no DDP hooks fire, autocast (if any) is patched onto its forward
         base_params = self._base_params()
-        meta_params = [p for p in meta_model.parameters() if p.requires_grad]
+        meta_params = self._meta_params()
         last_grads = [p.grad for p in base_params]
         agree = self._agreement()
-        try:
+        with self._agreeing_on_error(agree, meta_params):  # the method agrees on everything after this
+            self._call_meta_event("on_meta_step_begin")
             meta_inputs = self._prepare_inputs(self._meta_batches().next_batch())
-        except Exception:
-            if agree is not None:  # tell the other ranks before leaving
-                agree([torch.zeros_like(p) for p in meta_params], "error")
-            raise
 
         # first-order methods only need base-model values: no graph through the base model in perturbed passes
         base_grad = torch.enable_grad if is_second_order(args.meta_gradient) else torch.no_grad
@@ -395,25 +416,31 @@ class SAMATrainer(Trainer):
             )
         finally:
             model.train(was_training)
+        self._finish_meta_step(grads, meta_params)
+        return grads
+
+    def _finish_meta_step(self, grads: MetaGradients, meta_params: list[torch.Tensor]) -> None:
+        """Step the meta optimizer (unless the step was skipped), count the step and record its statistics.
+
+        Every rank reaches this with the same ``grads.skipped`` and reasons (the agreement), so the counters agree
+        across ranks. The statistics of a skipped step (possibly non-finite) are not averaged into the logs; its
+        reasons are counted in ``meta/skipped/<reason>``.
+        """
         self.meta_step_count += 1
-        for key, value in grads.stats.items():
-            if not key.startswith("skip_reason_") and key != "skipped":
-                self._meta_metrics[key].append(value)
         if grads.skipped:
-            self._count_skip(grads.skip_reasons)
+            self.meta_steps_skipped += 1
+            for reason in grads.skip_reasons:
+                self.skip_reasons[reason] += 1
         else:
+            for key, value in grads.stats.items():
+                if key != "skipped":
+                    self._meta_metrics[key].append(value)
             self.last_meta_gradients = [g.detach().clone() for g in grads]
             for p, g in zip(meta_params, grads):
                 p.grad = g.to(p.dtype)
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
         self._call_meta_event("on_meta_step", metrics=dict(grads.stats))
-        return grads
-
-    def _count_skip(self, reasons: list[str]) -> None:
-        self.meta_steps_skipped += 1
-        for reason in reasons:
-            self.skip_reasons[reason] += 1
 
     # ------------------------------------------------------------------------------------------------------------
     # analysis helpers
@@ -522,12 +549,14 @@ class SAMATrainer(Trainer):
         else:
             self._pending_meta_stream_state = rank_state["meta_stream"]
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        atomic_save(self.rank_state_dict(), os.path.join(output_dir, rank_state_name(self.args.process_index)))
+    def _save_rng_state(self, output_dir: str) -> None:
+        """``Trainer`` writes a rank's RNG state last of that rank's files (the main process then writes
+        ``trainer_state.json``): the meta files follow it, so a rank's ``sama_rank_state_<rank>.pt`` (written
+        atomically) proves that the rank's whole part of the checkpoint is on disk."""
+        super()._save_rng_state(output_dir)
         if self.args.should_save:
             atomic_save(self.meta_state_dict(), os.path.join(output_dir, META_STATE_NAME))
+        atomic_save(self.rank_state_dict(), os.path.join(output_dir, rank_state_name(self.args.process_index)))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

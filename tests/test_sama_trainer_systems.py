@@ -75,7 +75,8 @@ def test_skipped_base_step_skips_the_meta_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
     trainer = trained(tmp_path, max_steps=4)
-    assert trainer.meta_step_count == 0 and trainer.meta_steps_skipped == 2
+    assert trainer.meta_step_count == trainer.meta_steps_skipped == 2
+    assert trainer.skip_reasons == {"base_step_skipped": 2}
     assert [h["meta/skipped_steps"] for h in trainer.state.log_history if "loss" in h] == [2.0]
 
 

@@ -116,6 +116,8 @@ def _finite_difference(
                 else:
                     with torch.no_grad():
                         grads = torch._foreach_sub(direct, implicit)
+            if grads is not None and not all_finite(float(global_norm(grads).item())):
+                reason = "nonfinite_meta_grad"  # e.g. a non-finite ∂L_meta/∂λ: λ must not take it
     except Exception as err:  # agree first, so that no other rank waits for this one
         error, reason = err, "error"
     if reason is not None:
