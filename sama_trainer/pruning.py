@@ -1,0 +1,255 @@
+"""Data pruning: a score for every training example, and the fraction of examples to keep.
+
+Every score here ranks examples so that **high = keep, low = prune** (:func:`keep_indices` keeps the highest):
+
+* ``"sama"`` — meta-learned importance (SAMA, §4.3 of the paper): a :class:`~sama_trainer.SAMATrainer` trains the
+  model with a Meta-Weight-Net that sees each example's loss and the uncertainty of its prediction (the entropy of the
+  softmax, ``meta_use_uncertainty=True``), and whose meta loss is computed on batches of the *same training set*
+  (``meta_dataset=train_dataset``, no clean set). An example's score is the mean of the weights it received over the
+  last ``E`` epochs (:func:`meta_importance_scores`): a low weight means the meta net judged the example harmful or
+  useless for the loss on the rest of the data, so it is pruned first.
+* ``"el2n"`` — EL2N (Paul et al., 2021): ‖softmax(f(x)) − onehot(y)‖₂, averaged over a few checkpoints early in
+  plain training (:class:`TrainingDynamics`). Hard examples score high and are kept; easy ones are pruned.
+* ``"loss"`` — the mean cross-entropy over the same checkpoints (kept high, as EL2N).
+* ``"random"`` — uniform random scores (:func:`random_scores`).
+
+The uncertainty input: the authors' ImageNet pruning code (Betty, ``examples/imagenet_pruning``) feeds the
+cross-entropy between the prediction and the prediction of an EMA copy of the classifier head; its EMA update
+(``α·fc + (1 − α)·fc``) copies the head, so that input equals the entropy of the prediction, which is what
+``MetaWeightNet(use_uncertainty=True)`` computes.
+
+Typical use (the training set needs an ``example_id`` column: :func:`with_example_ids`)::
+
+    train = with_example_ids(train)
+    args = SAMAConfig(output_dir="scores", num_train_epochs=3, meta_use_uncertainty=True)
+    trainer = SAMATrainer(model, args, train_dataset=train, meta_dataset=train)
+    trainer.train()
+    kept = train.select(keep_indices(meta_importance_scores(trainer, last_epochs=2), fraction=0.7))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+
+__all__ = [
+    "PRUNING_SCORES",
+    "TrainingDynamics",
+    "el2n",
+    "keep_indices",
+    "meta_importance_scores",
+    "random_scores",
+    "read_scores",
+    "with_example_ids",
+    "write_scores",
+]
+
+PRUNING_SCORES = ("sama", "el2n", "loss", "random")
+
+
+def with_example_ids(dataset: Any, column: str = "example_id") -> Any:
+    """``dataset`` (a ``datasets.Dataset``) with ``column`` set to the row index 0..n-1 (replaced if present): the
+    key under which :class:`~sama_trainer.SAMATrainer` records the weight of every example it draws."""
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    return dataset.add_column(column, list(range(len(dataset))))
+
+
+def meta_importance_scores(trainer: Any, last_epochs: int = 1) -> np.ndarray:
+    """The meta-learned importance of every training example: the mean weight it received over the last
+    ``last_epochs`` epochs of ``trainer``'s run (a trained :class:`~sama_trainer.SAMATrainer` whose training set has
+    the ``example_id`` column). Under DDP call it on every rank (the ranks' records are summed).
+
+    Raises ``ValueError`` naming the fix when no weight was recorded or some example was never drawn in those
+    epochs (e.g. ``max_steps`` stopped the run mid-epoch).
+    """
+    history = trainer.weight_history
+    if not history.epochs:
+        raise ValueError(
+            "no example weights were recorded: the training set needs an "
+            f"'{trainer.args.example_id_column}' column (with_example_ids(train)) and meta_objective must reweight"
+        )
+    scores = trainer.example_weight_means(last_epochs).numpy()
+    missing = int(np.isnan(scores).sum())
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(scores)} examples were never drawn in the last {last_epochs} recorded epoch(s) "
+            f"(epochs with records: {history.epochs}); train whole epochs (num_train_epochs, no max_steps) or "
+            "average over more epochs"
+        )
+    return scores
+
+
+def el2n(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """EL2N of each example: ‖p − onehot(y)‖₂ for predicted class probabilities ``p`` [N, C] and labels ``y`` [N]."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    onehot = np.eye(probabilities.shape[1])[np.asarray(labels, dtype=np.int64)]
+    return np.linalg.norm(probabilities - onehot, axis=1)
+
+
+def random_scores(num_examples: int, seed: int) -> np.ndarray:
+    """Uniform random scores in [0, 1) (random pruning), reproducible from ``seed``."""
+    return np.random.default_rng(seed).random(num_examples)
+
+
+def _num_kept(n: int, fraction: float) -> int:
+    return min(n, math.floor(fraction * n + 0.5))
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores (ties: the lower index first)."""
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return order[:k]
+
+
+def keep_indices(
+    scores: Sequence[float] | np.ndarray | torch.Tensor,
+    fraction: float,
+    *,
+    keep: str = "highest",
+    labels: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices (ascending) of the ``round(fraction · n)`` examples to keep.
+
+    Args:
+        scores: one score per example.
+        fraction: the share of examples kept, in (0, 1].
+        keep: ``"highest"`` keeps the highest scores and prunes the lowest (every score of this module: low meta
+            weight, low EL2N, low loss = prune); ``"lowest"`` keeps the lowest.
+        labels: class of each example: keep ``fraction`` of every class (largest remainders fill the total), so
+            pruning cannot shift the class balance.
+
+    Ties are broken by index (the lower index is kept).
+    """
+    scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64).reshape(-1)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if keep not in ("highest", "lowest"):
+        raise ValueError(f"keep must be 'highest' or 'lowest', got {keep!r}")
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN; score every example before pruning")
+    signed = scores if keep == "highest" else -scores
+    total = _num_kept(len(scores), fraction)
+    if labels is None:
+        return np.sort(_top(signed, total))
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(scores):
+        raise ValueError(f"got {len(labels)} labels for {len(scores)} scores")
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    quota = np.array([fraction * len(m) for m in members])
+    counts = np.floor(quota).astype(int)
+    # hand the rest of the total to the largest remainders (ties: the lower class)
+    for i in np.lexsort((np.arange(len(classes)), -(quota - counts)))[: total - counts.sum()]:
+        counts[i] += 1
+    kept = [m[_top(signed[m], k)] for m, k in zip(members, counts)]
+    return np.sort(np.concatenate(kept))
+
+
+class TrainingDynamics(TrainerCallback):
+    """Predictions of a trainer's model on a dataset at chosen points of training, for EL2N and loss scores.
+
+    At the end of every epoch (or after each optimizer step in ``at_steps``) it runs ``trainer.predict(dataset)``
+    (eval mode, gathered across DDP ranks in dataset order) and keeps per-example EL2N and cross-entropy. Attach it
+    with :meth:`attach`; the records are not part of checkpoints (a resumed run records only the points after the
+    resume).
+
+    Args:
+        dataset: the examples to score (tokenised, with a label column), usually the training set.
+        at_steps: global optimizer steps after which to record; None records at the end of every epoch.
+    """
+
+    def __init__(self, dataset: Any, at_steps: Sequence[int] | None = None):
+        self.dataset = dataset
+        self.at_steps = None if at_steps is None else sorted(set(int(s) for s in at_steps))
+        self.trainer: Trainer | None = None
+        self.steps: list[int] = []
+        self.el2n_records: list[np.ndarray] = []
+        self.loss_records: list[np.ndarray] = []
+
+    def attach(self, trainer: Trainer) -> TrainingDynamics:
+        """Record during ``trainer``'s training; returns ``self``."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    def record(self, step: int) -> None:
+        """Predict on the dataset now and keep the per-example values."""
+        if self.trainer is None:
+            raise RuntimeError("TrainingDynamics is not attached to a trainer: call attach(trainer) first")
+        out = self.trainer.predict(self.dataset, metric_key_prefix="dynamics")
+        logits = torch.as_tensor(np.asarray(out.predictions, dtype=np.float32))
+        labels = np.asarray(out.label_ids, dtype=np.int64)
+        if logits.shape[0] != len(self.dataset) or labels.shape != (logits.shape[0],):
+            raise ValueError("TrainingDynamics needs class logits [N, C] and class-id labels [N] from predict()")
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        self.steps.append(step)
+        self.el2n_records.append(el2n(log_probs.exp().numpy(), labels))
+        self.loss_records.append(-log_probs[torch.arange(len(labels)), torch.as_tensor(labels)].numpy())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.at_steps is not None and state.global_step in self.at_steps and state.global_step not in self.steps:
+            self.record(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.at_steps is None:
+            self.record(state.global_step)
+
+    def _stacked(self, values: list[np.ndarray]) -> np.ndarray:
+        if not values:
+            raise ValueError("nothing recorded yet: train with the callback attached (see at_steps)")
+        return np.stack(values)
+
+    def el2n_scores(self) -> np.ndarray:
+        """Mean EL2N of every example over the recorded points (high = hard = keep)."""
+        return self._stacked(self.el2n_records).mean(0)
+
+    def loss_scores(self) -> np.ndarray:
+        """Mean cross-entropy of every example over the recorded points (high = keep)."""
+        return self._stacked(self.loss_records).mean(0)
+
+
+def write_scores(
+    path: str | Path, scores: Sequence[float] | np.ndarray, columns: dict[str, Sequence[Any]] | None = None
+) -> None:
+    """Write one JSON line per example, highest score first: ``rank`` (0 = kept first), ``example_id`` (position in
+    ``scores``), ``score`` and the given ``columns`` (e.g. ``{"text": ..., "label": ...}``), so the most and least
+    important examples sit at the top and bottom of the file."""
+    scores = np.asarray(scores, dtype=np.float64)
+    columns = columns or {}
+    for name, values in columns.items():
+        if len(values) != len(scores):
+            raise ValueError(f"column {name!r} has {len(values)} values for {len(scores)} scores")
+    order = _top(scores, len(scores))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for rank, i in enumerate(order):
+            row = {"rank": rank, "example_id": int(i), "score": float(scores[i])}
+            row.update({name: _plain(values[i]) for name, values in columns.items()})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # a reader never sees a half-written file
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_scores(path: str | Path) -> np.ndarray:
+    """The scores of a :func:`write_scores` file, indexed by ``example_id``."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [row["example_id"] for row in rows]
+    if sorted(ids) != list(range(len(rows))):
+        raise ValueError(f"{path}: the example ids are not 0..{len(rows) - 1}, each once")
+    scores = np.empty(len(rows))
+    scores[ids] = [row["score"] for row in rows]
+    return scores
