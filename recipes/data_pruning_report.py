@@ -1,0 +1,140 @@
+"""The report of a data-pruning sweep (``recipes/data_pruning.py``): table, plot and scoring cost.
+
+    python recipes/data_pruning_report.py outputs/pruning/agnews --dataset agnews
+
+Reads every ``runs/**/results.json`` and ``scores/*/seed*/scoring.json`` under the folder and writes
+``table.md`` (test accuracy, method × keep fraction, mean ± sample std over seeds, per budget; SAMA minus each
+baseline), ``accuracy_vs_keep.png`` and ``cost.md`` (time of each scoring run, median over seeds), and returns the
+markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+BUDGETS = {"epochs": "same epochs as the full pool", "steps": "same optimizer steps as the full pool"}
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(root.glob("runs/**/results.json"))]
+
+
+def cells(rows: list[dict[str, Any]], budget: str) -> dict[tuple[str, float], list[float]]:
+    """Test accuracies per (method, keep fraction) of one budget; the full-pool runs count for every method."""
+    out: dict[tuple[str, float], list[float]] = defaultdict(list)
+    methods = {r["method"] for r in rows if r["method"] != "full"}
+    for r in rows:
+        if r["method"] == "full":
+            for m in methods:
+                out[(m, 1.0)].append(r["test_accuracy"])
+        elif r["budget"] == budget:
+            out[(r["method"], r["keep_fraction"])].append(r["test_accuracy"])
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    v = 100 * np.asarray(values)
+    std = f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""
+    return f"{v.mean():.1f}{std} (n={len(v)})"
+
+
+def markdown_table(rows: list[dict[str, Any]], budget: str) -> str:
+    acc = cells(rows, budget)
+    methods = sorted({m for m, _ in acc})
+    fractions = sorted({f for _, f in acc}, reverse=True)
+    lines = ["| method | " + " | ".join(f"keep {f:g}" for f in fractions) + " |"]
+    lines.append("|---|" + "---|" * len(fractions))
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_mean_std(acc[(m, f)]) if acc.get((m, f)) else "–" for f in fractions))
+        lines[-1] += " |"
+    if "sama" in methods:
+        for other in [m for m in methods if m != "sama"]:
+            diffs = []
+            for f in fractions:
+                a, b = acc.get(("sama", f)), acc.get((other, f))
+                if not a or not b or f == 1.0:
+                    diffs.append("–")
+                    continue
+                spread = 100 * max(np.std(a, ddof=1) if len(a) > 1 else 0.0, np.std(b, ddof=1) if len(b) > 1 else 0.0)
+                diffs.append(f"{100 * (np.mean(a) - np.mean(b)):+.1f} (spread {spread:.1f})")
+            lines.append(f"| sama − {other} | " + " | ".join(diffs) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(root: Path) -> str:
+    timings: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(root.glob("scores/*/seed*/scoring.json")):
+        t = json.loads(path.read_text())
+        if not t.get("resumed"):
+            timings[t["method"]].append(t)
+    if not timings:
+        return "no scoring runs yet"
+    ref = "el2n" if "el2n" in timings else sorted(timings)[0]
+    ref_wall = np.median([t["train_wall_s"] for t in timings[ref]])
+    ref_cpu = np.median([t["train_cpu_s"] for t in timings[ref]])
+    lines = [
+        f"| scores | runs | wall s (median) | CPU s (median) | wall / {ref} | CPU / {ref} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, ts in sorted(timings.items()):
+        wall, cpu = np.median([t["train_wall_s"] for t in ts]), np.median([t["train_cpu_s"] for t in ts])
+        lines.append(
+            f"| {method} | {len(ts)} | {wall:.0f} | {cpu:.0f} | {wall / ref_wall:.2f} | {cpu / ref_cpu:.2f} |"
+        )
+    return "\n".join(lines) + "\n\n`loss` scores come from the EL2N run (same cost); `random` costs nothing."
+
+
+def plot(rows: list[dict[str, Any]], path: Path, dataset: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [b for b in BUDGETS if any(r["budget"] == b for r in rows)] or ["epochs"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.6 * len(budgets), 3.4), sharey=True, squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        acc = cells(rows, budget)
+        for method in sorted({m for m, _ in acc}):
+            fractions = sorted(f for m, f in acc if m == method)
+            means = [100 * np.mean(acc[(method, f)]) for f in fractions]
+            stds = [100 * np.std(acc[(method, f)], ddof=1) if len(acc[(method, f)]) > 1 else 0 for f in fractions]
+            ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_title(f"{dataset}: {BUDGETS[budget]}", fontsize=9)
+        ax.set_xlabel("fraction of training examples kept")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=90)
+    plt.close(fig)
+
+
+def write_report(root: Path, dataset: str) -> str:
+    rows = collect(root)
+    if not rows:
+        return f"no results under {root}"
+    parts = [f"## {dataset}: test accuracy (%), mean ± std over seeds"]
+    for budget in BUDGETS:
+        if any(r["budget"] in (budget, "both") for r in rows):
+            parts += [f"### {BUDGETS[budget]}", markdown_table(rows, budget)]
+    parts += ["### scoring cost", cost_table(root)]
+    text = "\n\n".join(parts) + "\n"
+    (root / "table.md").write_text(text)
+    (root / "cost.md").write_text(cost_table(root) + "\n")
+    plot(rows, root / "accuracy_vs_keep.png", dataset)
+    return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--dataset", default="")
+    cli = parser.parse_args()
+    print(write_report(cli.root, cli.dataset or cli.root.name))
