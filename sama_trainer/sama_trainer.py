@@ -162,7 +162,7 @@ class SAMATrainer(Trainer):
         self.meta_step_count = 0
         self.meta_steps_skipped = 0
         self.skip_reasons: dict[str, int] = defaultdict(int)
-        self.weight_history = WeightHistory(len(train_dataset) if hasattr(train_dataset, "__len__") else 0)
+        self.weight_history = WeightHistory.for_dataset(train_dataset, args.example_id_column)
         opt = kwargs.get("optimizers", (None, None))[0]
         if opt is not None:
             self._check_optimizer(opt)

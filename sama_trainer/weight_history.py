@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,22 @@ class WeightHistory:
         self.num_examples = num_examples
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def for_dataset(cls, dataset: Any, id_column: str) -> WeightHistory:
+        """A history sized for ``dataset``; raises ``ValueError`` naming the fix if its ``id_column`` holds an index
+        outside ``[0, len(dataset))`` (e.g. ids of a larger table the dataset was selected from)."""
+        size = len(dataset) if hasattr(dataset, "__len__") else 0
+        if size and id_column in (getattr(dataset, "column_names", None) or []):
+            ids = dataset[id_column]
+            low, high = min(ids), max(ids)
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"the training set's {id_column!r} column holds indices in [{low}, {high}], outside [0, {size}): "
+                    f"set it to the row index (e.g. dataset.remove_columns({id_column!r}).add_column({id_column!r}, "
+                    "list(range(len(dataset))))) or name another column with example_id_column"
+                )
+        return cls(size)
 
     @property
     def epochs(self) -> list[int]:

@@ -97,6 +97,16 @@ def test_scores_name_the_fix_when_an_example_was_never_drawn(tmp_path):
         meta_importance_scores(no_ids)
 
 
+def test_ids_outside_the_training_set_name_the_fix(tmp_path):
+    pool = with_example_ids(token_dataset(16, seed=1))
+    kept = pool.select([3, 9, 12, 15])  # ids of the pool, not of the kept subset
+    with pytest.raises(ValueError, match=r"indices in \[3, 15\], outside \[0, 4\).*row index"):
+        SAMATrainer(tiny_bert(), sama_args(tmp_path), kept, meta_dataset=kept)
+    trainer = SAMATrainer(tiny_bert(), sama_args(tmp_path, max_steps=1), with_example_ids(kept), meta_dataset=kept)
+    trainer.train()
+    assert trainer.weight_history.totals()[1].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
 def _trained_meta_net(tmp_path, train, meta):
     trainer = SAMATrainer(
         tiny_bert(), sama_args(tmp_path, max_steps=8, meta_use_uncertainty=True), train, meta_dataset=meta
