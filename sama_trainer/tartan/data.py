@@ -194,7 +194,9 @@ class TartanCollator:
     End-task keys: ``input_ids``, (``attention_mask``), ``labels``. Auxiliary keys: ``mlm_input_ids`` (unmasked,
     with special tokens), optional ``aux_index``/``aux_source``. ``ensure_masked`` masks one random non-special token
     of any example that drew none, so every auxiliary example has a defined per-example loss. ``seed`` makes the
-    masking deterministic (own generator); otherwise the global torch RNG is used.
+    masking deterministic (own generator); otherwise the global torch RNG is used (then a run resumed from a checkpoint
+    masks its first batch differently from an uninterrupted run: ``Trainer`` restores the RNG state only after
+    fetching that batch).
     """
 
     tokenizer: Any

@@ -62,7 +62,7 @@ class _MultitaskTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # no public hook: Trainer reads one state dict, the multitask model is saved as classifier + MLM head
-        (model or self.model).load_weights(resume_from_checkpoint)
+        self.accelerator.unwrap_model(model or self.model).load_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         # no public hook (load_best_model_at_end): as _load_from_checkpoint
@@ -198,7 +198,8 @@ class TartanTrainer(_MultitaskTrainerMixin, SAMATrainer):
     @torch.no_grad()
     def compute_aux_weights(self, aux_dataset: Any, batch_size: int | None = None, seed: int = 0) -> dict[str, list]:
         """Per auxiliary example (in order): ``aux_index``, MLM loss, masked-token count and the weight the trained
-        net gives it, in eval mode with the masking seeded by ``seed``."""
+        net gives it, in eval mode with the masking seeded by ``seed`` (the data collator must be a
+        :class:`~sama_trainer.tartan.data.TartanCollator`)."""
         collator = self.data_collator.with_seed(seed)
         bs = batch_size or self.args.per_device_eval_batch_size
         model, out = self.model, {"aux_index": [], "loss": [], "num_masked": [], "weight": []}
