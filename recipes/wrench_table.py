@@ -159,6 +159,26 @@ def _device_mark(rows: list[dict[str, Any]]) -> str:
     return " †" if any(_on_accelerator(r) for r in rows) else ""
 
 
+# the method whose training (same data, same steps) a method's training time is compared with
+TIME_REFERENCE = {"cft": "finetune", "sama_rc_clean": "cft"}
+
+
+def _time_ratio_cell(by_method: dict[str, list[dict]], method: str) -> str:
+    """'wall / CPU' time of ``method`` over its reference's, mean over the seeds both ran ('–' if none)."""
+    reference = TIME_REFERENCE.get(method, "finetune")
+    ref = {r["seed"]: r for r in by_method.get(reference, [])}
+    pairs = [(r, ref[r["seed"]]) for r in by_method.get(method, []) if r["seed"] in ref]
+    if method == reference or not pairs:
+        return "–"
+    wall = statistics.fmean(a["train_seconds"] / b["train_seconds"] for a, b in pairs)
+    cpu = [
+        a["train_cpu_seconds"] / b["train_cpu_seconds"]
+        for a, b in pairs
+        if "train_cpu_seconds" in a and "train_cpu_seconds" in b
+    ]
+    return f"{wall:.2f}" + (f" / {statistics.fmean(cpu):.2f}" if cpu else "")
+
+
 def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     """One row per (dataset, K), one column per method: test metric (x100) mean ± std over seeds."""
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -172,7 +192,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
     head = "| dataset (metric) | clean/class | " + " | ".join(order) + " |"
     lines = [head, "|" + "---|" * (len(order) + 2)]
     times = ["| dataset | clean/class | " + " | ".join(order) + " |", "|" + "---|" * (len(order) + 2)]
-    aurocs = list(times)
+    aurocs, ratios = list(times), list(times)
     for (dataset, k), by_method in sorted(groups.items()):
         cells = [
             _mean_std([r["test_metric"] for r in by_method.get(m, [])]) + _device_mark(by_method.get(m, []))
@@ -186,6 +206,8 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
         times.append(f"| {dataset} | {k} | " + " | ".join(secs) + " |")
         auc = [_auroc_cell(by_method.get(m, [])) for m in order]
         aurocs.append(f"| {dataset} | {k} | " + " | ".join(auc) + " |")
+        ratio = [_time_ratio_cell(by_method, m) for m in order]
+        ratios.append(f"| {dataset} | {k} | " + " | ".join(ratio) + " |")
     accelerators = sorted({r["device"] for r in rows if _on_accelerator(r)})
     legend = (
         f"\n\n† runs on {', '.join(accelerators)}; unmarked cells: CPU (or device not recorded)"
@@ -198,6 +220,9 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
         + legend
         + "\n\nTraining wall time (s, mean over seeds):\n\n"
         + "\n".join(times)
+        + "\n\nTraining time relative to the same steps without meta learning (`finetune`; `cft` for `sama_rc_clean`),"
+        + " wall / CPU time, mean over seeds:\n\n"
+        + "\n".join(ratios)
         + "\n\nNoise AUROC of the learned weights, overall / within each given class (wrong majority-vote labels;"
         + " gold train labels, diagnostics):\n\n"
         + "\n".join(aurocs)

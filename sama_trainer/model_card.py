@@ -73,8 +73,12 @@ def _value(x: Any) -> str:
 def sama_card_section(trainer: Any) -> str:
     """Markdown on how a ``SAMATrainer`` trained the model: method, meta network, meta set, hyperparameters."""
     args = trainer.args
+    used = {  # the value in effect where the field says "default"
+        "meta_batch_size": args.meta_batch_size or args.per_device_train_batch_size,
+        "correction_meta_learning_rate": args.correction_meta_learning_rate or args.meta_learning_rate,
+    }
     rows = [("sama_alpha (used)", args.meta_alpha)]
-    rows += [(name, getattr(args, name)) for name in SAMA_FIELDS]
+    rows += [(name, used.get(name, getattr(args, name))) for name in SAMA_FIELDS]
     table = "\n".join(f"| `{name}` | {_value(value)} |" for name, value in rows)
     size = sum(p.numel() for p in trainer.meta_model.parameters())
     net = f"`{type(trainer.meta_model).__name__}`, {size} parameters"
