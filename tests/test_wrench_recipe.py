@@ -240,8 +240,8 @@ out = Path(argv[argv.index("--output_dir") + 1])
 events = out.parent.parent.parent.parent.parent / "events.txt"
 with open(events, "a") as f:
     f.write(f"start {time.time()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {os.getpid()}\\n")
-# barrier: wait (at most 10 s) until STUB_PEERS runs have started, so the test sees whether they overlap
-deadline = time.time() + 10
+# barrier: wait (at most 120 s) until STUB_PEERS runs have started, so the test sees whether they overlap
+deadline = time.time() + 120
 while events.read_text().count("start") < int(os.environ.get("STUB_PEERS", "1")) and time.time() < deadline:
     time.sleep(0.05)
 time.sleep(0.2)
