@@ -22,6 +22,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "adaptation_diagonal",
     "adaptation_diagonal_into_",
+    "adaptation_diagonal_rows",
     "apply_adaptation_",
     "check_adaptation_supported",
     "register_adaptation",
@@ -86,11 +87,12 @@ def check_adaptation_supported(optimizer: Any) -> None:
 
 
 # Rules are elementwise, so large tensors are processed in chunks: a rule's float32 temporaries then stay small
-# instead of several copies of the largest parameter (e.g. a word embedding). On a GPU a per-tensor rule is bound by
-# kernel launches (~15 per tensor), so there chunks are larger and rules with a foreach form (Adam) process a whole
-# bucket of tensors with a few multi-tensor kernels; the adaptation runs before the meta forward, while no
-# activations are alive, so its temporaries stay far below the training step's peak memory.
-CHUNK_ELEMENTS = 1 << 20
+# instead of several copies of the largest parameter (e.g. a word embedding). Rules with a foreach form (Adam) process
+# a bucket of chunks with a few multi-tensor kernels. On a CPU, chunks of 2^17 elements keep a bucket's temporaries
+# in cache (measured fastest on BERT-sized models); on a GPU a per-tensor rule is bound by kernel launches, so there
+# buckets are larger. The adaptation runs while no activations are alive, so its temporaries stay far below the
+# training step's peak memory.
+CHUNK_ELEMENTS = 1 << 17
 CUDA_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -195,16 +197,31 @@ class _Bucket:
         self.numel += p.numel()
 
 
-def _bucketed_diagonals(optimizer, params, grads, tensors, bias_correction):
-    """Yields (views of ``tensors``, du/dg of those views) over every parameter chunk, a bucket at a time."""
+def _rows_of(p: torch.Tensor, state: dict, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The values of ``p`` and of its per-element optimizer state on the rows ``rows`` of dim 0 (copies)."""
+    n = p.numel()
+    part = {k: v.index_select(0, rows) if torch.is_tensor(v) and v.numel() == n else v for k, v in state.items()}
+    return p.detach().index_select(0, rows), part
+
+
+def _bucketed_diagonals(optimizer, params, grads, tensors, bias_correction, rows=None):
+    """Yields (views of ``tensors``, du/dg of those views) over every parameter chunk, a bucket at a time.
+
+    ``rows`` (one index tensor per parameter) restricts each parameter to those rows of dim 0: ``grads`` and
+    ``tensors`` then hold those rows only.
+    """
     opt = unwrap_optimizer(optimizer)
     rule = _find_rule(opt)
     foreach_rule = _FOREACH_RULES.get(rule)
     group_of, grads = _checked_groups(opt, params, grads)
+    groups = [group_of[id(p)] for p in params]
+    states = [opt.state.get(p, {}) for p in params]
     steps = _step_counts(opt, params) if foreach_rule is not None else [None] * len(params)
+    if rows is not None:
+        params, states = zip(*(_rows_of(p, state, r) for p, state, r in zip(params, states, rows)))
     open_buckets: dict[tuple, _Bucket] = {}
-    for p, g, target, step in zip(params, grads, tensors, steps):
-        group, state, chunk = group_of[id(p)], opt.state.get(p, {}), _chunk_elements(p)
+    for p, g, target, group, state, step in zip(params, grads, tensors, groups, states, steps):
+        chunk = _chunk_elements(p)
         eligible = step is not None and foreach_rule is not None and foreach_rule.accepts(p, g, group, state)
         key = (id(group), step, p.device, p.dtype) if eligible else None
         for part, part_p, part_g, part_state in _parts(p, g, state, chunk):
@@ -219,6 +236,14 @@ def _bucketed_diagonals(optimizer, params, grads, tensors, bias_correction):
                 yield bucket.targets, foreach_rule(bucket, bias_correction)
     for bucket in open_buckets.values():
         yield bucket.targets, foreach_rule(bucket, bias_correction)
+
+
+def _write_diagonals(diagonals) -> None:
+    for views, diags in diagonals:
+        if len(views) == 1 and not isinstance(diags[0], torch.Tensor):
+            views[0].fill_(float(diags[0]))
+        else:
+            torch._foreach_copy_(views, diags)
 
 
 @torch.no_grad()
@@ -250,12 +275,28 @@ def adaptation_diagonal_into_(
 ) -> list[torch.Tensor]:
     """Write the diagonal of du/dg into ``out`` chunk by chunk (``out`` may be ``grads`` itself: each chunk of the
     gradient is read before it is overwritten). Returns ``out``."""
-    for views, diags in _bucketed_diagonals(optimizer, params, grads, out, bias_correction):
-        if len(views) == 1 and not isinstance(diags[0], torch.Tensor):
-            views[0].fill_(float(diags[0]))
-        else:
-            torch._foreach_copy_(views, diags)
+    _write_diagonals(_bucketed_diagonals(optimizer, params, grads, out, bias_correction))
     return list(out)
+
+
+@torch.no_grad()
+def adaptation_diagonal_rows(
+    optimizer: Any,
+    param: torch.Tensor,
+    grad_rows: torch.Tensor | None,
+    rows: torch.Tensor,
+    *,
+    bias_correction: bool = True,
+) -> torch.Tensor:
+    """The rows ``rows`` (indices into dim 0) of ``param``'s du/dg diagonal, from the last gradient's values on those
+    rows (``grad_rows``).
+
+    Rules are elementwise, so the result equals those rows of :func:`adaptation_diagonal` bit for bit; a direction
+    that is zero outside a few rows (the embedding rows a meta batch touched) needs du/dg on those rows only.
+    """
+    out = torch.empty((len(rows),) + tuple(param.shape[1:]), dtype=param.dtype, device=param.device)
+    _write_diagonals(_bucketed_diagonals(optimizer, [param], [grad_rows], [out], bias_correction, rows=[rows]))
+    return out
 
 
 def _lr(group: dict) -> float:
@@ -329,9 +370,11 @@ class _AdamForeach:
     """:func:`_adam_rule` over a bucket of tensors with torch's multi-tensor (foreach) kernels.
 
     Covers the common case (float32/64, no amsgrad, decoupled or no weight decay); other parameters take the
-    per-tensor rule. Same formula. Where s = 0 every past (1-β2)·g² underflowed, so |g|, |m| < ~1e-21 and g·m is 0
-    or subnormal: the denominator clamped at the smallest normal float keeps the second term at 0 (at most a few
-    1e-6, against a first term of (1-β1)/eps) without the per-tensor rule's explicit mask.
+    per-tensor rule. Same formula, rearranged into ten elementwise passes with three temporaries: with q = √ŝ/c2 and
+    D = q + eps, du/dg = [a - b·g·m/(q·D)] / D, a = lr·(1-β1)/c1, b = lr·(1-β2)/(c1·c2²). Where s = 0 every past
+    (1-β2)·g² underflowed, so |g|, |m| < ~1e-21 and g·m is 0 or subnormal: q·D clamped at the smallest normal float
+    keeps the second term at 0 (at most a few 1e-6, against a first term of (1-β1)/eps) without the per-tensor
+    rule's explicit mask.
     """
 
     @staticmethod
@@ -348,24 +391,18 @@ class _AdamForeach:
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, lr = float(group["eps"]), _lr(group)
         c1, c2 = (1.0 - beta1**t, (1.0 - beta2**t) ** 0.5) if bias_correction else (1.0, 1.0)
-        m = [s["exp_avg"] for s in bucket.states]
-        sqrt_s = torch._foreach_sqrt([s["exp_avg_sq"] for s in bucket.states])
-        denom = torch._foreach_div(sqrt_s, c2)
-        torch._foreach_add_(denom, eps)
-        # second = (1-β2)·g·m / (c2·√s·D²)
-        second = torch._foreach_mul(bucket.grads, m)
-        torch._foreach_mul_(second, (1.0 - beta2) / c2)
-        below = torch._foreach_mul(denom, denom)
-        torch._foreach_mul_(below, sqrt_s)
-        del sqrt_s
-        torch._foreach_clamp_min_(below, torch.finfo(bucket.params[0].dtype).tiny)
-        torch._foreach_div_(second, below)
-        del below
-        diag = torch._foreach_reciprocal(denom)
-        del denom
-        torch._foreach_mul_(diag, 1.0 - beta1)
-        torch._foreach_sub_(diag, second)
-        torch._foreach_mul_(diag, lr / c1)
+        q = torch._foreach_sqrt([s["exp_avg_sq"] for s in bucket.states])
+        if c2 != 1.0:
+            torch._foreach_div_(q, c2)
+        denom = torch._foreach_add(q, eps)
+        torch._foreach_mul_(q, denom)
+        torch._foreach_clamp_min_(q, torch.finfo(bucket.params[0].dtype).tiny)
+        diag = torch._foreach_mul(bucket.grads, [s["exp_avg"] for s in bucket.states])
+        torch._foreach_div_(diag, q)
+        del q
+        torch._foreach_mul_(diag, -lr * (1.0 - beta2) / (c1 * c2 * c2))
+        torch._foreach_add_(diag, lr * (1.0 - beta1) / c1)
+        torch._foreach_div_(diag, denom)
         return diag
 
 
