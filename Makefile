@@ -37,8 +37,8 @@ test-all: install
 demo: install
 	$(PY) recipes/wrench_noisy_finetune.py --config recipes/configs/demo.yaml
 
-# WRENCH table: methods x datasets x 3 seeds x K in {10, all}; resumes where it stopped. Hours on a CPU; on one H200,
-# 14 runs at a time did 80 runs in 11 minutes (RESULTS.md, session 8): WRENCH_JOBS sets runs at a time.
+# WRENCH table: methods x datasets x 3 seeds x K in {10, all}; resumes where it stopped. Hours on a CPU, minutes on
+# a GPU with many runs at a time (WRENCH_JOBS sets runs at a time).
 WRENCH_JOBS ?= 1
 wrench-table: install
 	$(PY) recipes/wrench_table.py --output_root outputs/wrench_table --markdown outputs/wrench_table/table.md \
