@@ -2,6 +2,8 @@
 
 from .adaptation import UnsupportedOptimizerError, adaptation_diagonal, register_adaptation
 from .callbacks import SAMACallback
+from .checkpoint import IncompleteCheckpointError
+from .distributed import MetaStepFailedOnAnotherRank
 from .meta_gradient import MetaGradients, available_methods, meta_gradient, register_method
 from .meta_nets import (
     BootstrapCorrectionNet,
@@ -24,8 +26,10 @@ __all__ = [
     "BootstrapCorrectionNet",
     "ClassificationObjective",
     "ExampleLosses",
+    "IncompleteCheckpointError",
     "LabelCorrectionNet",
     "MetaGradients",
+    "MetaStepFailedOnAnotherRank",
     "MetaObjective",
     "MetaWeightNet",
     "SAMACallback",

@@ -36,17 +36,30 @@ def apply_ddp_timeout(seconds: float) -> None:
     _set_pg_timeout(timedelta(seconds=seconds))
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor], world_size: int) -> None:
-    """Average ``tensors`` across ranks in place with one collective (no-op for one process)."""
-    if world_size <= 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world_size
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat buffer for a single collective, in float32 or wider (float64 tensors are not rounded)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
+def _copy_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy the consecutive slices of ``flat`` into ``tensors`` (the inverse of :func:`_flat`)."""
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], world_size: int) -> None:
+    """Average ``tensors`` across ranks in place with one collective (no-op for one process)."""
+    if world_size <= 1 or not tensors:
+        return
+    flat = _flat(tensors)
+    dist.all_reduce(flat)
+    flat /= world_size
+    _copy_into(tensors, flat)
 
 
 class RankAgreement:
@@ -66,7 +79,7 @@ class RankAgreement:
         flags = torch.zeros(len(SKIP_REASONS), device=device)
         if reason is not None:
             flags[SKIP_REASONS.index(reason)] = 1.0
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags])
+        flat = _flat([*grads, flags])
         dist.all_reduce(flat)
         counts = flat[-len(SKIP_REASONS) :].tolist()
         seen = {r: int(c) for r, c in zip(SKIP_REASONS, counts) if c > 0}
@@ -78,8 +91,5 @@ class RankAgreement:
         if seen:
             return False, list(seen)
         flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _copy_into(grads, flat)
         return True, []
