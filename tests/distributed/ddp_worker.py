@@ -115,7 +115,6 @@ def run(out_dir, name, counter, check_estimator=False, **overrides):
         meta_objective="reweight",
         meta_gradient="sama-na",
         sama_alpha=0.5,
-        ddp_find_unused_parameters=False,
     )
     kwargs.update(overrides)
     trainer = Probe(tiny_bert(dropout=0.0), SAMAConfig(**kwargs), train, meta)
