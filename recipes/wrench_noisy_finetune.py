@@ -276,6 +276,7 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         "num_train": len(task.train),
         "num_clean": len(task.clean),
         "num_test": len(task.test),
+        "num_labels": task.num_labels,
         "tune_on_valid_fold": script_args.tune_on_valid_fold,
         "mv_accuracy": task.weak_label_accuracy,
         "model": base_model or Path(model_name).name,

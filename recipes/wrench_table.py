@@ -230,6 +230,38 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
     )
 
 
+def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | None = None) -> None:
+    """Test metric (mean ± std over seeds) against the clean examples per class K, one panel per dataset, one line per
+    method; K = all (the whole clean split) is drawn at its mean number of examples per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        by_method: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in mine:
+            k = r["clean_per_class"] if r.get("clean_per_class") is not None else r["num_clean"] / r["num_labels"]
+            by_method[r["method"]][float(k)].append(100 * r["test_metric"])
+        for method in [m for m in (methods or sorted(by_method)) if m in by_method]:
+            ks = sorted(by_method[method])
+            means = [statistics.fmean(by_method[method][k]) for k in ks]
+            stds = [statistics.pstdev(by_method[method][k]) if len(by_method[method][k]) > 1 else 0.0 for k in ks]
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("clean examples per class (K; rightmost: all)")
+        ax.set_ylabel(f"test {mine[0]['metric_name']} ×100")
+        ax.set_title(dataset)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="youtube,sms,trec,chemprot")
@@ -244,6 +276,7 @@ def main(argv: list[str] | None = None) -> str:
         "--results_md", default=None, help=f"also put the table between the {RESULTS_MARKER!r} markers of this file"
     )
     parser.add_argument("--collect_only", action="store_true", help="only build the table from existing results")
+    parser.add_argument("--plot", default=None, help="also draw the test metric against K per dataset (a PNG)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     parser.add_argument("--rerun", action="store_true", help="rerun runs that already have results.json")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. several per GPU)")
@@ -271,6 +304,8 @@ def main(argv: list[str] | None = None) -> str:
         Path(args.markdown).write_text(table, encoding="utf-8")
     if args.results_md:
         replace_marked_block(args.results_md, RESULTS_MARKER, table)
+    if args.plot:
+        plot_k_curve(rows, args.plot, methods)
     return table
 
 

@@ -207,12 +207,24 @@ def test_table_driver_collects_results(tmp_path):
         out.mkdir(parents=True)
         row = {"method": method, "dataset": "youtube", "seed": seed, "metric_name": "accuracy", "test_metric": value}
         row.update(valid_metric=value, train_steps=5, train_seconds=2.0, clean_per_class=k, noise_auroc=None)
+        row.update(num_clean=40, num_labels=2)
         if method == "sama_r":
             row.update(noise_auroc=0.7, noise_auroc_within_class=0.6, device="cuda: NVIDIA H200")
         else:
             row.update(device="cpu")
         (out / "results.json").write_text(json.dumps(row))
-    md = table.main(["--collect_only", "--output_root", str(tmp_path), "--markdown", str(tmp_path / "t.md")])
+    md = table.main(
+        [
+            "--collect_only",
+            "--output_root",
+            str(tmp_path),
+            "--markdown",
+            str(tmp_path / "t.md"),
+            "--plot",
+            str(tmp_path / "k.png"),
+        ]
+    )
+    assert (tmp_path / "k.png").stat().st_size > 0  # the K-curve
     assert "| youtube (accuracy) | all | 85.0 ± 7.1 (n=2) | – |" in md
     assert "| youtube (accuracy) | 10 | – | 95.0 (n=1) † |" in md  # the cell measured on a GPU says so
     assert "† runs on cuda: NVIDIA H200; unmarked cells: CPU" in md
