@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import tiny_bert, token_dataset  # noqa: E402
+from helpers import sama_args, tiny_bert, token_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import sama_trainer.sama_trainer as trainer_module  # noqa: E402
@@ -86,23 +86,10 @@ def datasets():
 
 
 def config(output_dir, **overrides) -> SAMAConfig:
-    kwargs = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=4 if distributed() else 8,
-        meta_batch_size=4,
-        max_steps=6,
-        unroll_steps=2,
-        learning_rate=1e-3,
-        meta_learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        logging_steps=1,
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return SAMAConfig(**kwargs)
+    """The tests' CPU defaults with 6 steps, a meta step every 2, a log line per step."""
+    batch = 4 if distributed() else 8  # the same 8 examples per optimizer step with 1 or 2 processes
+    defaults = dict(per_device_train_batch_size=batch, meta_batch_size=4, max_steps=6, logging_steps=1)
+    return sama_args(output_dir, disable_tqdm=True, **{**defaults, **overrides})
 
 
 class Injector(SAMACallback):
@@ -311,6 +298,8 @@ class HangOutsideMetaStep(TrainerCallback):
 def cmd_hang(out_dir: str, timeout: int) -> None:
     train, meta = datasets()
     args = config(os.path.join(out_dir, "hang"), ddp_timeout=timeout)
+    _ = args.device  # sets up the process group
+    dist.barrier()  # start together: a slow start must not look like a hang
     trainer = SAMATrainer(tiny_bert(), args, train, meta, callbacks=[HangOutsideMetaStep()])
     start = time.monotonic()
     try:
