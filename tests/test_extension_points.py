@@ -4,7 +4,14 @@ length grouping and state."""
 import pytest
 import torch
 
-from sama_trainer import MetaGradients, adaptation_diagonal, available_methods, meta_gradient, register_method
+from sama_trainer import (
+    MetaGradients,
+    adaptation,
+    adaptation_diagonal,
+    available_methods,
+    meta_gradient,
+    register_method,
+)
 from sama_trainer.adaptation import UnsupportedOptimizerError, register_adaptation
 from sama_trainer.meta_data import MetaBatchStream
 from sama_trainer.meta_gradient import local_agreement, registry
@@ -57,9 +64,12 @@ def test_register_adaptation_is_used_for_the_class_and_its_subclasses():
     def halving_rule(param, grad, group, state, bias_correction):
         return group["lr"] / 2  # θ ← θ - lr/2·g: du/dg = lr/2
 
-    for cls in (Halving, SubHalving):
-        (diag,) = adaptation_diagonal(cls([p], lr=0.4), [p], [torch.ones(3)])
-        torch.testing.assert_close(diag, torch.full((3,), 0.2))
+    try:
+        for cls in (Halving, SubHalving):
+            (diag,) = adaptation_diagonal(cls([p], lr=0.4), [p], [torch.ones(3)])
+            torch.testing.assert_close(diag, torch.full((3,), 0.2))
+    finally:
+        adaptation._RULES.pop(Halving)  # keep the error messages of other tests as they are
 
 
 def _stream(n=10, batch=3, world=1, rank=0, seed=0, **kw):
