@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-__all__ = ["CardMetric", "base_model_id", "build_model_card", "sama_card_section"]
+__all__ = ["CardMetric", "base_model_id", "build_model_card", "sama_card_section", "save_trainer_card"]
 
 SAMA_FIELDS = (
     "meta_gradient",
@@ -175,3 +175,48 @@ def build_model_card(
     if cite_sama:
         parts.append(f"## Citation\n\n```bibtex\n{SAMA_CITATION}\n```")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
+
+
+def save_trainer_card(
+    trainer: Any,
+    *,
+    summary: str,
+    sections: list[str] | None = None,
+    cite_sama: bool = False,
+    model_name: str | None = None,
+    base_model: str | None = None,
+    dataset: str | list[str] | None = None,
+    tags: str | list[str] | None = None,
+    metrics: list[CardMetric] | None = None,
+    output_dir: str | None = None,
+    **trainer_keywords: Any,
+) -> None:
+    """Write the ``README.md`` card of ``trainer``'s model (world process zero only): :func:`build_model_card` with the
+    trainer's arguments, its ``_tag_names``, and ``base_model`` from the model's config when not given.
+
+    ``Trainer.create_model_card``'s keywords are accepted too: ``finetuned_from`` and ``dataset_tags`` stand for
+    ``base_model`` and ``dataset``; ``language``, ``license``, ``tasks`` and ``dataset_args`` are not used.
+    """
+    unknown = set(trainer_keywords) - {"finetuned_from", "dataset_tags", "dataset", "language", "license", "tasks"}
+    unknown -= {"dataset_args"}
+    if unknown:
+        raise TypeError(f"unexpected model card argument(s): {', '.join(sorted(unknown))}")
+    if not trainer.is_world_process_zero():
+        return
+    base_model = base_model or trainer_keywords.get("finetuned_from")
+    dataset = dataset if dataset is not None else trainer_keywords.get("dataset_tags")
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    card = build_model_card(
+        model_name=model_name or os.path.basename(os.path.abspath(trainer.args.output_dir)),
+        summary=summary,
+        base_model=base_model or base_model_id(trainer.model),
+        datasets=[dataset] if isinstance(dataset, str) else list(dataset or []),
+        tags=list(dict.fromkeys([*tags, *getattr(trainer, "_tag_names", [])])),
+        metrics=metrics,
+        training_args=trainer.args,
+        sections=sections,
+        cite_sama=cite_sama,
+    )
+    output_dir = output_dir or trainer.args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    card.save(os.path.join(output_dir, "README.md"))

@@ -29,7 +29,7 @@ from .losses import soft_cross_entropy
 from .meta_data import MetaBatchStream
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
 from .meta_nets import save_meta_model
-from .model_card import CardMetric, base_model_id, build_model_card, sama_card_section
+from .model_card import sama_card_section, save_trainer_card
 from .objectives import LABEL_KEYS, ClassificationObjective, ExampleLosses, MetaObjective
 from .sama_config import SAMAConfig
 from .weight_history import WeightHistory
@@ -550,13 +550,17 @@ class SAMATrainer(Trainer):
             self._pending_meta_stream_state = rank_state["meta_stream"]
 
     def _save_rng_state(self, output_dir: str) -> None:
-        """``Trainer`` writes a rank's RNG state last of that rank's files (the main process then writes
-        ``trainer_state.json``): the meta files follow it, so a rank's ``sama_rank_state_<rank>.pt`` (written
-        atomically) proves that the rank's whole part of the checkpoint is on disk."""
+        """``Trainer`` writes a rank's RNG state last of that rank's files: the meta files follow it, so a rank's
+        ``sama_rank_state_<rank>.pt`` (written atomically) proves that the rank's part of the checkpoint is on disk.
+        Then the ranks wait for each other, so the main process writes ``trainer_state.json`` (which marks the
+        checkpoint complete) and deletes older checkpoints (``save_total_limit``) only once every rank's part is
+        written: a rank killed while saving never costs the previous checkpoint."""
         super()._save_rng_state(output_dir)
         if self.args.should_save:
             atomic_save(self.meta_state_dict(), os.path.join(output_dir, META_STATE_NAME))
         atomic_save(self.rank_state_dict(), os.path.join(output_dir, rank_state_name(self.args.process_index)))
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -594,39 +598,18 @@ class SAMATrainer(Trainer):
         if self.args.should_save:
             save_meta_model(self.meta_model, os.path.join(output_dir, META_MODEL_DIR))
 
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        base_model: str | None = None,
-        dataset: str | list[str] | None = None,
-        tags: str | list[str] | None = None,
-        metrics: list[CardMetric] | None = None,
-        summary: str | None = None,
-        output_dir: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def create_model_card(self, summary: str | None = None, sections: list[str] | None = None, **card: Any) -> None:
         """Write ``README.md``: a Hub model card with metadata (``base_model``, ``datasets``, ``tags``, a
-        ``model-index`` of ``metrics``) and a SAMA section with the settings used.
+        ``model-index`` of ``metrics``), the training hyperparameters, a SAMA section with the settings used and
+        ``sections``.
 
         ``base_model`` defaults to the name in the model's config (None for a local folder or a model built from a
         config: pass it then). Other ``Trainer.create_model_card`` keywords (e.g. ``finetuned_from``) are accepted.
         """
-        if not self.is_world_process_zero():
-            return
-        base_model = base_model or kwargs.get("finetuned_from") or base_model_id(self.model)
-        datasets = [dataset] if isinstance(dataset, str) else list(dataset or kwargs.get("dataset_tags") or [])
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = build_model_card(
-            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+        save_trainer_card(
+            self,
             summary=summary or "A text classifier trained on noisy labels with SAMA meta learning.",
-            base_model=base_model,
-            datasets=datasets,
-            tags=[*tags, *self._tag_names],
-            metrics=metrics,
-            training_args=self.args,
-            sections=[sama_card_section(self)],
+            sections=[sama_card_section(self), *(sections or [])],
             cite_sama=True,
+            **card,
         )
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        card.save(os.path.join(output_dir, "README.md"))

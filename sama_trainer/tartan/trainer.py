@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..meta_nets import save_meta_model
-from ..model_card import CardMetric, base_model_id, build_model_card, sama_card_section
+from ..model_card import sama_card_section, save_trainer_card
 from ..sama_trainer import META_MODEL_DIR, SAMATrainer
 from .model import MLM_HEAD_NAME
 from .objective import END_TASK_KEYS, MLM_KEYS, TartanObjective
@@ -84,37 +84,16 @@ loads with `AutoModelForSequenceClassification`, the MLM head is in `{MLM_HEAD_N
 (`sama_trainer.tartan.TartanMultitaskModel.from_pretrained` loads both)."""
         ]
 
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        base_model: str | None = None,
-        dataset: str | list[str] | None = None,
-        tags: str | list[str] | None = None,
-        metrics: list[CardMetric] | None = None,
-        summary: str | None = None,
-        sections: list[str] | None = None,
-        output_dir: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def create_model_card(self, summary: str | None = None, sections: list[str] | None = None, **card: Any) -> None:
         """Write ``README.md``: a Hub model card (``base_model``, ``datasets``, ``tags``, a ``model-index`` of
         ``metrics``), the training hyperparameters, ``sections`` and this trainer's own sections."""
-        if not self.is_world_process_zero():
-            return
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = build_model_card(
-            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+        save_trainer_card(
+            self,
             summary=summary or self.card_summary,
-            base_model=base_model or kwargs.get("finetuned_from") or base_model_id(self.model),
-            datasets=[dataset] if isinstance(dataset, str) else list(dataset or []),
-            tags=list(dict.fromkeys([*tags, *self._tag_names])),
-            metrics=metrics,
-            training_args=self.args,
             sections=[*(sections or []), *self.card_sections()],
             cite_sama=self.cite_sama,
+            **card,
         )
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        card.save(os.path.join(output_dir, "README.md"))
 
 
 class TartanMTTrainer(_MultitaskTrainerMixin, Trainer):
