@@ -11,6 +11,7 @@ import random
 import sys
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -649,3 +650,19 @@ def test_table_driver_aggregates(tmp_path):
     block = doc.read_text().split("<!-- tartan-table -->\n")[1].split("<!-- /tartan-table -->")[0]
     assert block.strip() == text.split("\n", 1)[1].strip() and "# TARTAN table" not in block
     assert doc.read_text().startswith("# Results\n") and doc.read_text().endswith("<!-- /tartan-table -->\nnotes\n")
+
+
+def test_task_scores_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from sama_trainer.tartan import classification_scores
+
+    rng = np.random.default_rng(0)
+    for classes in (2, 6):
+        labels = rng.integers(0, classes, 300)
+        logits = rng.normal(size=(300, classes + 1))  # some predictions fall on a class absent from the labels
+        preds = logits.argmax(-1)
+        scores = classification_scores(logits, labels)
+        assert scores["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+        assert scores["micro_f1"] == pytest.approx(f1_score(labels, preds, average="micro"))
+        assert scores["accuracy"] == pytest.approx(accuracy_score(labels, preds))
