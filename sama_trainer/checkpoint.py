@@ -7,10 +7,12 @@ A checkpoint folder of :class:`~sama_trainer.SAMATrainer` holds, besides what ``
   it recorded.
 
 Every file is written to a temporary name and renamed, so a file is either complete or absent. Each rank writes its
-state file after all its other files, and the main process writes ``trainer_state.json`` after all of its own; a
+state file after all its other files; the main process writes ``trainer_state.json`` after all of its own and after
+every rank has written its part (:class:`~sama_trainer.SAMATrainer` makes the ranks wait for each other there). A
 folder is complete for a rank when ``trainer_state.json`` parses, the meta state is there and so is the rank's state
-file (unless the checkpoint was written by fewer processes). A resumed run never starts from an incomplete folder
-(:func:`resolve_resume_checkpoint`); under DDP the ranks agree on the folder.
+file (unless the checkpoint was written by fewer processes; on storage that is not shared between nodes a rank sees
+only its own node's files). A resumed run never starts from an incomplete folder (:func:`resolve_resume_checkpoint`);
+under DDP the ranks agree on the folder.
 """
 
 from __future__ import annotations

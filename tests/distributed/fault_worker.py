@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -325,7 +326,8 @@ class KillAfterStep(TrainerCallback):
 
 def kill_while_saving(name: str, step: int, wait_for: str | None = None) -> None:
     """Replace ``torch.save``: writing ``name`` into ``checkpoint-<step>`` writes half the bytes, then SIGKILL
-    (after ``wait_for`` exists, if given: another process's file of the same checkpoint)."""
+    (once ``wait_for`` exists, if given: another process's file of the same checkpoint, and 2 s later, time enough
+    for that process to go on to the next files if nothing held it back)."""
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
@@ -340,6 +342,7 @@ def kill_while_saving(name: str, step: int, wait_for: str | None = None) -> None
             deadline = time.monotonic() + 120
             while wait_for and not os.path.exists(wait_for) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            time.sleep(2.0 if wait_for else 0.0)
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, f, *args, **kwargs)
 
@@ -358,7 +361,7 @@ class Recorder(SAMATrainer):
 
 def checkpointed_trainer(output_dir: str, callbacks=None) -> Recorder:
     train, meta = datasets()
-    args = config(output_dir, max_steps=12, save_strategy="steps", save_steps=4, logging_steps=4)
+    args = config(output_dir, max_steps=12, save_strategy="steps", save_steps=4, save_total_limit=1, logging_steps=4)
     return Recorder(tiny_bert(dropout=0.1), args, train, meta, callbacks=callbacks)
 
 
@@ -383,9 +386,18 @@ def cmd_train(out_dir: str, kill_after: int | None, kill_while_writing: str | No
         if distributed() and rank() == 0:
             name = None  # only the other rank is stopped; the main process completes its part of the checkpoint
         if name:
-            done = os.path.join(out_dir, f"checkpoint-{BROKEN_SAVE_STEP}", "trainer_state.json")
+            done = os.path.join(out_dir, f"checkpoint-{BROKEN_SAVE_STEP}", "sama_rank_state_0.pt")
             kill_while_saving(name, BROKEN_SAVE_STEP, wait_for=done if distributed() else None)
     checkpointed_trainer(out_dir, callbacks).train()
+
+
+def explicit_resume_error(output_dir: str, checkpoint: str) -> str | None:
+    """The error of ``train(resume_from_checkpoint=checkpoint)`` (None if it trained)."""
+    try:
+        checkpointed_trainer(output_dir).train(resume_from_checkpoint=checkpoint)
+    except IncompleteCheckpointError as err:
+        return str(err)
+    return None
 
 
 def cmd_resume(root: str) -> None:
@@ -395,11 +407,14 @@ def cmd_resume(root: str) -> None:
     result["reference"] = final_state(reference)
 
     broken = os.path.join(root, "interrupted_save", f"checkpoint-{BROKEN_SAVE_STEP}")
-    try:
-        checkpointed_trainer(os.path.join(root, "interrupted_save")).train(resume_from_checkpoint=broken)
-        result["explicit_broken"] = None
-    except IncompleteCheckpointError as err:
-        result["explicit_broken"] = str(err)
+    result["explicit_broken"] = explicit_resume_error(os.path.join(root, "interrupted_save"), broken)
+    if distributed():  # a complete checkpoint whose part of rank 1 is gone (e.g. storage not shared between nodes)
+        lost = os.path.join(root, "lost_part", "checkpoint-12")
+        if rank() == 0:
+            shutil.copytree(os.path.join(root, "reference", "checkpoint-12"), lost)
+            os.remove(os.path.join(lost, "sama_rank_state_1.pt"))
+        dist.barrier()
+        result["explicit_lost_part"] = explicit_resume_error(os.path.dirname(lost), lost)
 
     for name in ("interrupted_save", "killed"):
         trainer = checkpointed_trainer(os.path.join(root, name))
