@@ -130,3 +130,67 @@ def test_buffers_that_hold_du_dg_through_the_meta_forward_share_one_block():
     assert not out.skipped
     after = {g.untyped_storage().data_ptr() for g in grads}
     assert len(before) == 2 and len(after) == 1
+
+
+def _manual_difference(params, direction, eps, lam, base_loss):
+    """The central difference with both passes drawn from the same RNG state, by hand."""
+    grads = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(d, alpha=sign * eps)
+        with torch.random.fork_rng(devices=[]):
+            grads.append(torch.autograd.grad(base_loss(), lam))
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(d, alpha=sign * eps)
+    return [(a - b) / (2 * eps) for a, b in zip(*grads)]
+
+
+@pytest.mark.parametrize("draw", ["dropout", "theta_dependent", "count_changes"])
+def test_second_perturbed_pass_replays_the_first_pass_draws_exactly(draw, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.nn.Parameter(torch.randn(6, 3, generator=gen))
+    lam = torch.nn.Parameter(torch.randn(3, generator=gen))
+    x = torch.randn(32, 6, generator=gen)
+    direction = [torch.randn(6, 3, generator=gen).abs()]  # Σd > 0: θ + εd has the larger sum
+    start_sum = theta.detach().sum()
+
+    def base_loss():
+        h = x @ theta
+        if draw == "dropout":
+            h = F.dropout(h, p=0.3, training=True) + F.dropout(h, p=0.1, training=True)
+        elif draw == "theta_dependent":  # drawn with probabilities that depend on θ: must not be replayed
+            h = h * torch.bernoulli(torch.sigmoid(h))
+        elif draw == "count_changes":  # one more draw at θ - εd than at θ + εd: the replay runs out
+            h = F.dropout(h, p=0.3, training=True)
+            if theta.sum() < start_sum:
+                h = F.dropout(h, p=0.5, training=True)
+        return ((h - lam) ** 2).mean()
+
+    replayed, mismatches = [], []
+
+    class Spy(core._RandomDraws):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self._replay is not None and torch.Tag.nondeterministic_seeded in func.tags:
+                replayed.append(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    class Mismatch(core._ReplayMismatch):
+        def __init__(self, *args):
+            mismatches.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(core, "_RandomDraws", Spy)
+    monkeypatch.setattr(core, "_ReplayMismatch", Mismatch)
+    torch.manual_seed(7)
+    rng_before = torch.get_rng_state()
+    perturbation = core.Perturbation([theta], direction, eps=0.05)
+    got = perturbation.difference([lam], base_loss)
+    perturbation.restore()
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left as it was
+    expected = _manual_difference([theta], direction, 0.05, [lam], base_loss)
+    assert torch.equal(got[0], expected[0])
+    bernoulli = torch.ops.aten.bernoulli_.float
+    assert replayed == {"dropout": [bernoulli] * 2, "theta_dependent": [], "count_changes": [bernoulli] * 2}[draw]
+    assert len(mismatches) == (draw == "count_changes")  # ... and the second pass was drawn again

@@ -3,10 +3,12 @@ place, norms, and the ±εd perturbation of θ behind every finite difference.""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..adaptation import adaptation_diagonal_into_, adaptation_diagonal_rows
 from .registry import LossClosure
@@ -253,6 +255,63 @@ def _rng_devices(params: Sequence[torch.Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
+class _ReplayMismatch(RuntimeError):
+    """The second pass asked for other random draws than the first one made."""
+
+
+# random ops whose result depends only on the RNG state and on scalar arguments and shapes, not on tensor values
+_REPLAYABLE = {
+    torch.ops.aten.bernoulli_.float,
+    torch.ops.aten.uniform_.default,
+    torch.ops.aten.normal_.default,
+    torch.ops.aten.exponential_.default,
+    torch.ops.aten.random_.default,
+    torch.ops.aten.random_.to,
+}
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Records the random draws of a pass (CPU dropout masks are ``bernoulli_`` draws) to replay them in a second pass
+    that starts from the same RNG state: that pass would draw exactly the same values, so replaying them gives the
+    same results without the cost of drawing (on a CPU, dropout masks take ~15% of a forward).
+
+    A pass with any other random op (whose values could depend on θ) is not replayed; a replaying pass whose draws do
+    not match the recording raises :class:`_ReplayMismatch`, and the caller draws again from the same state.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[tuple[Any, torch.Tensor]] = []
+        self.replayable = True
+        self._replay: list[tuple[Any, torch.Tensor]] | None = None
+
+    def replaying(self) -> Any:
+        """This mode, set to replay the recorded draws in order (a null context if the pass is not replayable)."""
+        if not (self.replayable and self.draws):
+            return contextlib.nullcontext()
+        self._replay = list(reversed(self.draws))
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        if self._replay is None:
+            out = func(*args, **kwargs)
+            if func in _REPLAYABLE:
+                self.draws.append((func, out.clone()))
+            else:
+                self.replayable = False
+            return out
+        target = args[0]
+        if not self._replay:
+            raise _ReplayMismatch(str(func))
+        recorded_func, value = self._replay.pop()
+        if recorded_func is not func or value.shape != target.shape or value.dtype != target.dtype:
+            raise _ReplayMismatch(str(func))
+        return target.copy_(value)
+
+
 class Perturbation:
     """θ moved to θ + t·ε·d for the passes of a finite difference, then back to θ or on to θ - εd.
 
@@ -305,17 +364,24 @@ class Perturbation:
         it was. On an exception θ is put back first.
         """
         devices = _rng_devices(self.params) if share_rng else None
+        draws = _RandomDraws() if share_rng and all(p.device.type == "cpu" for p in self.params) else None
 
-        def grads_at(target: float) -> list[torch.Tensor]:
+        def grads_at(target: float, mode: Any = None) -> list[torch.Tensor]:
             self.move_to(target)
             if devices is None:
                 return grads_or_zeros(base_loss(), meta_params)
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), mode or contextlib.nullcontext():
                 return grads_or_zeros(base_loss(), meta_params)
 
         try:
-            grad_plus = grads_at(self.eps)
-            grad_minus = grads_at(-self.eps)
+            if draws is None:
+                grad_plus, grad_minus = grads_at(self.eps), grads_at(-self.eps)
+            else:  # the second pass starts from the same RNG state: it replays the first pass's draws
+                grad_plus = grads_at(self.eps, draws)
+                try:
+                    grad_minus = grads_at(-self.eps, draws.replaying())
+                except _ReplayMismatch:  # e.g. a draw that depends on θ: draw again, from the same state
+                    grad_minus = grads_at(-self.eps)
         except BaseException:
             self.restore()
             raise
