@@ -34,7 +34,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pruning_report import write_report  # noqa: E402
 
-from sama_trainer import SAMAConfig, SAMAParser, SAMATrainer  # noqa: E402
+from sama_trainer import SAMAConfig, SAMAParser, SAMATrainer, save_meta_model  # noqa: E402
 from sama_trainer.data import load_cosine, load_wrench  # noqa: E402
 from sama_trainer.model_card import CardMetric, build_model_card  # noqa: E402
 from sama_trainer.pretrained import TINY_BERT, build_word_tokenizer, load_classifier, load_pretrained_tokenizer  # noqa: E402
@@ -134,9 +134,11 @@ class Experiment:
             {"sama": self.score_sama, "el2n": self.score_dynamics, "loss": self.score_dynamics}[method](seed)
         return read_scores(path)
 
-    def _write_scores(self, method: str, seed: int, scores: np.ndarray, timing: dict[str, Any]) -> None:
+    def _write_scores(
+        self, method: str, seed: int, scores: np.ndarray, timing: dict[str, Any], extra: dict | None = None
+    ) -> None:
         out = self.root / "scores" / method / f"seed{seed}"
-        columns = {"label": list(self.pool["label"]), "text": list(self.pool["text"])}
+        columns = {**(extra or {}), "label": list(self.pool["label"]), "text": list(self.pool["text"])}
         write_scores(out / "scores.jsonl", scores, columns)
         (out / "scoring.json").write_text(json.dumps({"method": method, "seed": seed, **timing}, indent=1))
 
@@ -149,7 +151,11 @@ class Experiment:
         resumed = any(out.glob("checkpoint-*"))
         timing = _timed(lambda: trainer.train(resume_from_checkpoint=resumed or None))
         scores = meta_importance_scores(trainer, pa.score_last_epochs)
-        self._write_scores("sama", seed, scores, {**timing, "resumed": resumed, "meta_steps": trainer.meta_step_count})
+        final = trainer.compute_example_weights(self.pool_tok)  # the trained model and meta net, eval mode
+        extra = {"final_loss": final["loss"], "final_weight": final["weight"]}
+        timing = {**timing, "resumed": resumed, "meta_steps": trainer.meta_step_count}
+        self._write_scores("sama", seed, scores, timing, extra)
+        save_meta_model(trainer.meta_model, str(out / "sama_meta_model"))
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
 
@@ -236,7 +242,7 @@ def main(pa: PruningArguments, args: TrainingArguments) -> str:
                     continue
                 for method in pa.methods.split(","):
                     experiment.finetune(method, fraction, budget, seed)
-    return write_report(experiment.root, pa.dataset_name)
+    return write_report(experiment.root, pa.dataset_name, _floats(pa.fractions), pa.stratify)
 
 
 if __name__ == "__main__":

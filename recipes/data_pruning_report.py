@@ -4,8 +4,8 @@
 
 Reads every ``runs/**/results.json`` and ``scores/*/seed*/scoring.json`` under the folder and writes
 ``table.md`` (test accuracy, method × keep fraction, mean ± sample std over seeds, per budget; SAMA minus each
-baseline), ``accuracy_vs_keep.png`` and ``cost.md`` (time of each scoring run, median over seeds), and returns the
-markdown.
+baseline; how alike the scores and kept sets are), ``accuracy_vs_keep.png`` and ``cost.md`` (time of each scoring
+run, median over seeds), and returns the markdown.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sama_trainer.pruning import keep_indices
 
 
 BUDGETS = {"epochs": "same epochs as the full pool", "steps": "same optimizer steps as the full pool"}
@@ -91,6 +93,43 @@ def cost_table(root: Path) -> str:
     return "\n".join(lines) + "\n\n`loss` scores come from the EL2N run (same cost); `random` costs nothing."
 
 
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable")  # noqa: E731
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def agreement_table(root: Path, fractions: list[float], stratify: bool) -> str:
+    """How alike the scores are: Spearman rank correlation with the SAMA scores and the share of the SAMA-kept
+    examples that a method keeps too, mean over the seeds both were scored with."""
+    scored = defaultdict(dict)
+    for path in sorted(root.glob("scores/*/seed*/scores.jsonl")):
+        rows = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["example_id"])
+        scored[path.parent.parent.name][path.parent.name] = (
+            np.array([r["score"] for r in rows]),
+            np.array([r["label"] for r in rows]) if stratify else None,
+        )
+    if "sama" not in scored:
+        return "no SAMA scores yet"
+    fractions = sorted((f for f in fractions if f < 1.0), reverse=True)
+    head = "| scores | seeds | Spearman with sama | " + " | ".join(f"kept with sama at {f:g}" for f in fractions)
+    lines = [head + " |", "|---" * (3 + len(fractions)) + "|"]
+    for method in sorted(m for m in scored if m != "sama"):
+        seeds = sorted(set(scored[method]) & set(scored["sama"]))
+        if not seeds:
+            continue
+        corr = np.mean([_rank_correlation(scored["sama"][s][0], scored[method][s][0]) for s in seeds])
+        shares = []
+        for f in fractions:
+            overlap = []
+            for s in seeds:
+                (ours, labels), theirs = scored["sama"][s], scored[method][s][0]
+                kept = set(keep_indices(ours, f, labels=labels).tolist())
+                overlap.append(len(kept & set(keep_indices(theirs, f, labels=labels).tolist())) / len(kept))
+            shares.append(f"{np.mean(overlap):.3f}")
+        lines.append(f"| {method} | {len(seeds)} | {corr:+.3f} | " + " | ".join(shares) + " |")
+    return "\n".join(lines) + "\n\nTwo independent random selections share the kept fraction itself on average."
+
+
 def plot(rows: list[dict[str, Any]], path: Path, dataset: str) -> None:
     import matplotlib
 
@@ -116,7 +155,7 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str) -> None:
     plt.close(fig)
 
 
-def write_report(root: Path, dataset: str) -> str:
+def write_report(root: Path, dataset: str, fractions: list[float] | None = None, stratify: bool = True) -> str:
     rows = collect(root)
     if not rows:
         return f"no results under {root}"
@@ -125,6 +164,8 @@ def write_report(root: Path, dataset: str) -> str:
         if any(r["budget"] in (budget, "both") for r in rows):
             parts += [f"### {BUDGETS[budget]}", markdown_table(rows, budget)]
     parts += ["### scoring cost", cost_table(root)]
+    fractions = fractions or sorted({r["keep_fraction"] for r in rows})
+    parts += ["### agreement of the scores", agreement_table(root, fractions, stratify)]
     text = "\n\n".join(parts) + "\n"
     (root / "table.md").write_text(text)
     (root / "cost.md").write_text(cost_table(root) + "\n")
@@ -136,5 +177,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--dataset", default="")
+    parser.add_argument("--no_stratify", action="store_true", help="kept sets were chosen without per-class quotas")
     cli = parser.parse_args()
-    print(write_report(cli.root, cli.dataset or cli.root.name))
+    print(write_report(cli.root, cli.dataset or cli.root.name, stratify=not cli.no_stratify))

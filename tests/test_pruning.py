@@ -258,10 +258,14 @@ def test_recipe_end_to_end(tmp_path):
         timing = json.loads((out / f"scores/{method}/seed1/scoring.json").read_text())
         assert timing["train_wall_s"] > 0 and timing["train_cpu_s"] > 0
     assert not list(out.glob("scores/sama/seed*/checkpoint-*"))  # scoring checkpoints are removed once scored
+    assert {"final_loss", "final_weight", "label"} <= set(rows[0]) and (
+        out / "scores/sama/seed0/sama_meta_model"
+    ).is_dir()
 
     table = (out / "table.md").read_text()
     assert "| sama | " in table and "| sama − random |" in table and "same optimizer steps" in table
     assert "| sama | 2 |" in (out / "cost.md").read_text()
+    assert "| el2n | 2 | " in table.split("agreement of the scores")[1]
     assert (out / "accuracy_vs_keep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "runs/epochs/sama/keep0.5/seed0/model/README.md").read_text()
     accuracy = by[("sama", "epochs", 0)]["test_accuracy"]
