@@ -33,6 +33,10 @@ class SAMAConfig(TrainingArguments):
             After each meta step leave θ at θ - εu (a step that lowers the meta loss to first order), as in the
             paper's experiments; `False` restores θ bit-for-bit. Applies to the finite-difference methods
             (`sama`, `sama-na`, `t1t2`); the other methods always restore θ.
+        sama_base_update_follows_lr (`bool`, defaults to `False`):
+            Scale the base update by the learning-rate schedule: θ ← θ - (lr_t / lr_0)·εu. The update's size ‖εu‖ =
+            `sama_alpha` does not shrink with the learning rate, so late in a decaying schedule it dominates the base
+            steps and the model ends up fitting the meta set; following the schedule keeps their ratio.
         meta_learning_rate (`float`, defaults to `1e-3`):
             Learning rate of the meta optimizer (Adam) that updates the meta network.
         correction_meta_learning_rate (`float`, *optional*):
@@ -94,6 +98,10 @@ class SAMAConfig(TrainingArguments):
     )
     sama_base_update: bool = field(
         default=True, metadata={"help": "Leave θ at θ-εu after each meta step (as the paper); False restores θ."}
+    )
+    sama_base_update_follows_lr: bool = field(
+        default=False,
+        metadata={"help": "Scale the base update by the learning-rate schedule (lr_t / lr_0)."},
     )
     meta_learning_rate: float = field(default=1e-3, metadata={"help": "Meta optimizer (Adam) learning rate."})
     correction_meta_learning_rate: float | None = field(

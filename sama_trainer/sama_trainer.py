@@ -349,6 +349,12 @@ class SAMATrainer(Trainer):
             return {}
         return {"loss_scale": float(scaler.get_scale())}
 
+    def _lr_ratio(self) -> float:
+        """The learning rate of the step just taken over the schedule's initial one (1 without a schedule)."""
+        group = self.optimizer.param_groups[0]
+        lr = float(group["lr"])
+        return lr / float(group.get("initial_lr", lr) or 1.0) if lr else 0.0
+
     def _base_params(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -398,6 +404,8 @@ class SAMATrainer(Trainer):
             base_step_hook=(lambda step: all_reduce_mean_(step, args.world_size)) if args.world_size > 1 else None,
             **self._loss_scale_option(),
         )
+        if args.sama_base_update and args.sama_base_update_follows_lr:
+            options["base_update_scale"] = self._lr_ratio()
         options.update(args.meta_gradient_kwargs or {})  # the user's options win (e.g. consume_grads=False)
         was_training = model.training
         model.train()

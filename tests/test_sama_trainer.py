@@ -316,3 +316,23 @@ def test_meta_optimizer_errors(tmp_path):
             meta_model=MetaWeightNet(),
             meta_optimizer=torch.optim.SGD(stray.parameters(), lr=0.1),
         )
+
+
+@pytest.mark.parametrize("follows_lr", [False, True])
+def test_base_update_follows_the_learning_rate_schedule(tmp_path, monkeypatch, follows_lr):
+    from sama_trainer.meta_gradient.core import Perturbation
+
+    scales = []
+    original = Perturbation.base_update
+
+    def spy(self, step_hook=None, scale=1.0):
+        scales.append(scale)
+        return original(self, step_hook, scale)
+
+    monkeypatch.setattr(Perturbation, "base_update", spy)
+    train, meta = datasets()
+    args = make_args(tmp_path, max_steps=8, lr_scheduler_type="linear", sama_base_update_follows_lr=follows_lr)
+    SAMATrainer(tiny_bert(), args, train, meta).train()
+    # meta steps after optimizer steps 2, 4, 6, 8; linear decay: step k used lr0 · (1 - (k - 1) / 8)
+    expected = [1 - (k - 1) / 8 for k in (2, 4, 6, 8)] if follows_lr else [1.0] * 4
+    assert scales == pytest.approx(expected)

@@ -395,15 +395,15 @@ class Perturbation:
         self.move_to(0.0)
 
     @torch.no_grad()
-    def base_update(self, step_hook: Callable[[list[torch.Tensor]], None] | None = None) -> None:
-        """Leave θ at θ - εd; ``step_hook`` may change the step εd in place first (e.g. average it across ranks)."""
+    def base_update(self, step_hook: Callable[[list[torch.Tensor]], None] | None = None, scale: float = 1.0) -> None:
+        """Leave θ at θ - scale·εd; ``step_hook`` may change the step in place first (e.g. average it across ranks)."""
         if self.saved is None:
             if step_hook is not None:
                 raise ValueError("a step hook needs a saved copy of θ (save=True)")
-            self.move_to(-self.eps)  # where difference() left it: nothing to do
+            self.move_to(-scale * self.eps)  # scale 1: where difference() left θ, nothing to do
             return
         self.move_to(0.0)
-        step = torch._foreach_mul(self.direction, self.eps)
+        step = torch._foreach_mul(self.direction, scale * self.eps)
         if step_hook is not None:
             step_hook(step)
         torch._foreach_sub_(self.params, step)

@@ -64,9 +64,11 @@ def _finite_difference(
     share_rng: bool = True,
     loss_scale: float = 1.0,
     consume_grads: bool = False,
+    base_update_scale: float = 1.0,
 ) -> MetaGradients:
     """direct - [∇_λ L_base(θ + εu) - ∇_λ L_base(θ - εu)] / (2ε), u = D ⊙ v (D = du/dg, or 1 if ``optimizer`` is
-    None), ‖εu‖ = α; ``agree`` is called once, before θ is restored or updated."""
+    None), ‖εu‖ = α; ``agree`` is called once, before θ is restored or updated (``restore=False``: to θ -
+    ``base_update_scale``·εu)."""
     lean = consume_grads and _can_consume(base_params, meta_params, last_grads)
     if workspace is not None and not _shaped_like(workspace, base_params):
         workspace = None  # e.g. gradients that are None for some parameters: save θ into a copy instead
@@ -136,7 +138,7 @@ def _finite_difference(
         return MetaGradients.skip(meta_params, stats, reasons)
     if not restore:
         if perturbation is not None:
-            perturbation.base_update(base_step_hook)
+            perturbation.base_update(base_step_hook, base_update_scale)
         elif base_step_hook is not None:  # ‖u‖ = 0 here, but the other ranks' steps are averaged in
             with torch.no_grad():
                 step = [torch.zeros_like(p) for p in base_params]
@@ -167,7 +169,8 @@ def sama(
     ranks), ``share_rng`` (True), ``loss_scale`` (1.0; scales L_meta's backward, e.g. for fp16), ``consume_grads``
     (False; True lets the method overwrite ``last_grads``: u is formed in them as the backward produces v, so no
     θ-sized v is allocated, and with ``restore=False``, no ``base_step_hook`` and float32/64 parameters no copy of θ
-    is kept either — θ ends at θ - εu up to rounding), ``agree`` (see :func:`~.registry.meta_gradient`).
+    is kept either — θ ends at θ - εu up to rounding), ``base_update_scale`` (1.0; with ``restore=False`` θ ends at
+    θ - scale·εu), ``agree`` (see :func:`~.registry.meta_gradient`).
     """
     if optimizer is not None:
         check_adaptation_supported(optimizer)

@@ -22,7 +22,16 @@ Vectors = list[torch.Tensor]
 
 # options the trainer passes to every method; all but loss_scale are meaningless for methods that never perturb θ
 TRAINER_OPTIONS = frozenset(
-    {"restore", "workspace", "base_step_hook", "share_rng", "bias_correction", "loss_scale", "consume_grads"}
+    {
+        "restore",
+        "workspace",
+        "base_step_hook",
+        "share_rng",
+        "bias_correction",
+        "loss_scale",
+        "consume_grads",
+        "base_update_scale",
+    }
 )
 
 # autograd's messages for kernels that cannot be differentiated twice
