@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import torch
 from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer
 
-from sama_trainer import SAMAConfig, SAMAParser, SAMATrainer
+from sama_trainer import SAMAConfig, SAMAParser
 from sama_trainer.data import load_cosine, load_wrench, make_synthetic_weak_supervision
 from sama_trainer.data.preparation import (
     WeakSupervisionTask,
@@ -54,7 +53,7 @@ from sama_trainer.data.preparation import (
 )
 from sama_trainer.diagnostics import weight_diagnostics
 from sama_trainer.model_card import CardMetric, build_model_card
-from sama_trainer.pipelines import continuation_trainer, default_continue_steps, plain_trainer
+from sama_trainer.pipelines import fit_with_clean_set
 from sama_trainer.pretrained import TINY_BERT, build_word_tokenizer, load_classifier, load_pretrained_tokenizer
 from sama_trainer.reporting import plot_weight_histogram, write_jsonl
 from sama_trainer.run_logging import log_to_file, quiet_console
@@ -89,7 +88,7 @@ METHODS = {
     "sama_rc_clean": Method(sama=True, meta_objective="reweight+correct", clean_after=True),
     "sama": Method(sama=True),
 }
-CLEAN_MODES = ("mix", "warm_start", "continue")
+CLEAN_MODES = ("continue", "warm_start", "mix")
 
 
 @dataclass
@@ -227,51 +226,34 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
     spec, args = METHODS[method], method_config(method, training_args, output_dir)
     base_model = hub_id(model_name, script_args.base_model_id)
     model = load_classifier(model_name, task.label_names, args.seed, vocab_size=len(tokenizer))
-    common: dict[str, Any] = {"data_collator": DataCollatorWithPadding(tokenizer), "processing_class": tokenizer}
-    kwargs = dict(common, **evaluation_kwargs(task, args))
-    mode = script_args.sama_clean_mode if method == "sama_rc_clean" else "continue"
-    spent = {"steps": 0, "seconds": 0.0, "cpu_seconds": 0.0}
-
-    def timed(trainer: Trainer) -> Trainer:
-        if script_args.log_file:
-            quiet_console(trainer)
-        start, cpu = time.perf_counter(), time.process_time()
-        trainer.train()
-        spent["seconds"] += time.perf_counter() - start
-        spent["cpu_seconds"] += time.process_time() - cpu
-        spent["steps"] += trainer.state.global_step
-        return trainer
-
-    def clean_phase() -> None:
-        steps = script_args.clean_steps or default_continue_steps(len(task.clean), args)
-        phase = dict(steps=steps, learning_rate=script_args.clean_learning_rate, soft_labels=script_args.soft_labels)
-        timed(continuation_trainer(model, task.clean_as_train_tok, args, **phase, **common))
-
-    train = {"weak": [task.train_tok], "weak+clean": [task.train_tok, task.clean_as_train_tok]}.get(
-        spec.data, [task.clean_as_train_tok]
+    kwargs = {"data_collator": DataCollatorWithPadding(tokenizer), "processing_class": tokenizer}
+    weights: dict[str, list] = {}
+    phases = fit_with_clean_set(
+        model,
+        args,
+        main_training_set(spec, task),
+        meta_dataset=task.clean_tok if spec.sama else None,
+        clean_dataset=task.clean_as_train_tok if spec.clean_after else None,
+        mode=script_args.sama_clean_mode if method == "sama_rc_clean" else "continue",
+        clean_steps=script_args.clean_steps,
+        clean_learning_rate=script_args.clean_learning_rate,
+        clean_upsample=script_args.clean_upsample,
+        soft_labels=script_args.soft_labels,
+        prepare=quiet_console if script_args.log_file else None,
+        after_main=(lambda t: weights.update(t.compute_example_weights(task.train_tok))) if spec.sama else None,
+        **kwargs,
+        **evaluation_kwargs(task, args),
     )
-    if spec.sama and mode == "mix":
-        train += [task.clean_as_train_tok] * script_args.clean_upsample
-    train = train[0] if len(train) == 1 else concatenate_datasets(train)
-    if spec.clean_after and mode == "warm_start":
-        clean_phase()
-    if spec.sama:
-        trainer = timed(SAMATrainer(model, args, train, meta_dataset=task.clean_tok, **kwargs))
-        weights = trainer.compute_example_weights(task.train_tok)
-    else:
-        trainer = timed(plain_trainer(model, args, train, script_args.soft_labels, **kwargs))
-    if spec.clean_after and mode == "continue":
-        clean_phase()
-
+    trainer = next(p.trainer for p in phases if p.name == "main")
     results = {
         "method": method,
         "dataset": task.name,
         "seed": args.seed,
         "metric_name": task.metric_name,
         **evaluate_on(trainer, task),
-        "train_steps": spent["steps"],
-        "train_seconds": round(spent["seconds"], 2),
-        "train_cpu_seconds": round(spent["cpu_seconds"], 2),  # all threads of this process
+        "train_steps": sum(p.trainer.state.global_step for p in phases),
+        "train_seconds": round(sum(p.seconds for p in phases), 2),
+        "train_cpu_seconds": round(sum(p.cpu_seconds for p in phases), 2),  # all threads of this process
         "clean_per_class": script_args.clean_per_class,
         "num_train": len(task.train),
         "num_clean": len(task.clean),
@@ -299,8 +281,14 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
     if script_args.save_model:  # on every process (Trainer.save_model decides who writes)
         trainer.save_model(output_dir)
     if args.process_index == 0:
-        write_outputs(results, trainer, task, weights if spec.sama else None, base_model, output_dir)
+        write_outputs(results, trainer, task, weights or None, base_model, output_dir)
     return results
+
+
+def main_training_set(spec: Method, task: WeakSupervisionTask) -> Any:
+    if spec.data == "weak+clean":
+        return concatenate_datasets([task.train_tok, task.clean_as_train_tok])
+    return task.clean_as_train_tok if spec.data == "clean" else task.train_tok
 
 
 def evaluation_kwargs(task: WeakSupervisionTask, args: SAMAConfig) -> dict[str, Any]:

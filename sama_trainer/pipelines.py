@@ -1,10 +1,14 @@
-"""Training phases that several methods share: plain fine-tuning (hard or soft labels) and continuing a trained
-model on another dataset (e.g. the clean set after training on weak labels)."""
+"""Training pipelines over noisy data and a clean set: plain fine-tuning (hard or soft labels), continuing a trained
+model on another dataset, and :func:`fit_with_clean_set`, which uses the clean set both as SAMA's meta set and for
+training (after, before or mixed into the main phase)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -13,7 +17,15 @@ from transformers import Trainer, TrainingArguments
 from .losses import per_example_cross_entropy
 
 
-__all__ = ["SoftLabelTrainer", "continuation_trainer", "default_continue_steps", "plain_trainer"]
+__all__ = [
+    "CLEAN_SET_MODES",
+    "Phase",
+    "SoftLabelTrainer",
+    "continuation_trainer",
+    "default_continue_steps",
+    "fit_with_clean_set",
+    "plain_trainer",
+]
 
 
 class SoftLabelTrainer(Trainer):
@@ -70,3 +82,90 @@ def continuation_trainer(
         load_best_model_at_end=False,
     )
     return plain_trainer(model, phase_args, train_dataset, soft_labels, **kwargs)
+
+
+CLEAN_SET_MODES = ("continue", "warm_start", "mix")
+
+
+@dataclass
+class Phase:
+    """One training phase of :func:`fit_with_clean_set`: its trainer and what it cost."""
+
+    name: str  # "clean" (plain fine-tuning on the clean set) or "main" (the training set, with SAMA if meta data)
+    trainer: Trainer
+    seconds: float
+    cpu_seconds: float  # process CPU time (all threads)
+
+
+def _mixed(train_dataset: Any, clean_dataset: Any, copies: int, id_column: str | None) -> Any:
+    """The training rows followed by ``copies`` copies of the clean rows; if the training rows carry example ids (row
+    indices), the clean rows get the ids that continue them."""
+    from datasets import concatenate_datasets
+
+    parts = [train_dataset] + [clean_dataset] * copies
+    if id_column and id_column in train_dataset.column_names and id_column not in clean_dataset.column_names:
+        n, m = len(train_dataset), len(clean_dataset)
+        parts[1:] = [clean_dataset.add_column(id_column, list(range(n + j * m, n + j * m + m))) for j in range(copies)]
+    return concatenate_datasets(parts)
+
+
+def fit_with_clean_set(
+    model: nn.Module,
+    args: TrainingArguments,
+    train_dataset: Any,
+    *,
+    meta_dataset: Any = None,
+    clean_dataset: Any = None,
+    mode: str = "continue",
+    clean_steps: int | None = None,
+    clean_learning_rate: float | None = None,
+    clean_upsample: int = 1,
+    soft_labels: bool = False,
+    prepare: Callable[[Trainer], Any] | None = None,
+    after_main: Callable[[Trainer], Any] | None = None,
+    **trainer_kwargs: Any,
+) -> list[Phase]:
+    """Train ``model`` on ``train_dataset`` (with SAMA when ``meta_dataset`` is given) and on a clean set, without
+    spending the clean set on one use only.
+
+    With ``clean_dataset`` (the clean examples with labels in the training format) the clean set is also trained on,
+    by ``mode``: ``"continue"`` (fine-tune on it after the main phase, ``clean_steps`` steps, default 3 epochs),
+    ``"warm_start"`` (before it) or ``"mix"`` (its rows, repeated ``clean_upsample`` times, join the training set).
+    ``meta_dataset`` (usually the same clean examples with their labels) makes the main phase a
+    :class:`~sama_trainer.SAMATrainer` run (``args`` must then be a ``SAMAConfig``). ``prepare`` is called on each
+    trainer before it trains (e.g. to change its callbacks), ``after_main`` on the main phase's trainer right after
+    it (e.g. to read the learned weights before the clean phase changes the model). Returns the phases in order.
+    """
+    if mode not in CLEAN_SET_MODES:
+        raise ValueError(f"mode must be one of {CLEAN_SET_MODES}, got {mode!r}")
+    phases: list[Phase] = []
+
+    def run(name: str, trainer: Trainer) -> Trainer:
+        if prepare is not None:
+            prepare(trainer)
+        start, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        phases.append(Phase(name, trainer, time.perf_counter() - start, time.process_time() - cpu))
+        return trainer
+
+    def clean_phase() -> None:
+        steps = clean_steps or default_continue_steps(len(clean_dataset), args)
+        common = {k: v for k, v in trainer_kwargs.items() if k in ("data_collator", "processing_class")}
+        options = dict(steps=steps, learning_rate=clean_learning_rate, soft_labels=soft_labels)
+        run("clean", continuation_trainer(model, clean_dataset, args, **options, **common))
+
+    if clean_dataset is not None and mode == "mix":
+        train_dataset = _mixed(train_dataset, clean_dataset, clean_upsample, getattr(args, "example_id_column", None))
+    if clean_dataset is not None and mode == "warm_start":
+        clean_phase()
+    if meta_dataset is not None:
+        from .sama_trainer import SAMATrainer
+
+        main = run("main", SAMATrainer(model, args, train_dataset, meta_dataset=meta_dataset, **trainer_kwargs))
+    else:
+        main = run("main", plain_trainer(model, args, train_dataset, soft_labels, **trainer_kwargs))
+    if after_main is not None:
+        after_main(main)
+    if clean_dataset is not None and mode == "continue":
+        clean_phase()
+    return phases

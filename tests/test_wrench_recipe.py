@@ -426,3 +426,40 @@ def test_shipped_configs_parse(recipe, name):
     _, training_args = parse(recipe, ["--config", str(RECIPE.parent / "configs" / f"{name}.yaml")])
     assert training_args.meta_weight_normalize and training_args.meta_weight_normalize_by_class
     assert training_args.meta_weight_center and training_args.correction_meta_learning_rate == 1e-2
+
+
+@pytest.mark.parametrize(
+    "method, mode", [("cft", "continue"), ("sama_rc_clean", "continue"), ("sama_rc_clean", "mix")]
+)
+def test_test_split_is_read_only_by_the_final_evaluation(recipe, wrench_dir, tmp_path, monkeypatch, method, mode):
+    from transformers import Trainer
+
+    tasks, events = [], []
+    prepare = recipe.prepare_task
+    monkeypatch.setattr(recipe, "prepare_task", lambda *a, **k: tasks.append(prepare(*a, **k)) or tasks[-1])
+    train, predict = Trainer.train, Trainer.predict
+
+    def recording_train(self, *args, **kwargs):
+        seen = [self.train_dataset, self.eval_dataset, getattr(self, "meta_dataset", None)]
+        events.append(("train", [id(d) for d in seen if d is not None], len(self.train_dataset)))
+        return train(self, *args, **kwargs)
+
+    def recording_predict(self, dataset, *args, **kwargs):
+        events.append(("predict", [id(dataset)], len(dataset)))
+        return predict(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording_train)
+    monkeypatch.setattr(Trainer, "predict", recording_predict)
+    _run(recipe, wrench_dir, tmp_path, "--method", method, "--sama_clean_mode", mode, "--clean_steps", "2",
+         "--eval_strategy", "steps", "--eval_steps", "2", "--save_model", "false")  # fmt: skip
+    (task,) = tasks
+    test, clean = id(task.test_tok), {id(task.clean_tok), id(task.clean_as_train_tok)}
+    trains = [e for e in events if e[0] == "train"]
+    assert all(test not in ids for _, ids, _ in trains)  # never a training, meta or model-selection set
+    first_test_read = next(i for i, e in enumerate(events) if test in e[1])
+    assert first_test_read > max(i for i, e in enumerate(events) if e[0] == "train")  # only after all training
+    phases = [("clean" if ids[0] in clean else "main", size) for _, ids, size in trains]
+    if mode == "mix":  # one phase on the weak rows plus the clean rows
+        assert phases == [("main", len(task.train_tok) + len(task.clean_as_train_tok))]
+    else:  # weak (majority-vote) rows first, then the clean set
+        assert phases == [("main", len(task.train_tok)), ("clean", len(task.clean_as_train_tok))]
