@@ -98,36 +98,50 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(rank(a), rank(b))[0, 1])
 
 
-def agreement_table(root: Path, fractions: list[float], stratify: bool) -> str:
-    """How alike the scores are: Spearman rank correlation with the SAMA scores and the share of the SAMA-kept
-    examples that a method keeps too, mean over the seeds both were scored with."""
-    scored = defaultdict(dict)
+def _score_files(root: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Every score file's columns as arrays indexed by example id: ``{method: {seed: {column: values}}}``."""
+    scored: dict[str, dict[str, dict[str, np.ndarray]]] = defaultdict(dict)
     for path in sorted(root.glob("scores/*/seed*/scores.jsonl")):
         rows = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["example_id"])
-        scored[path.parent.parent.name][path.parent.name] = (
-            np.array([r["score"] for r in rows]),
-            np.array([r["label"] for r in rows]) if stratify else None,
-        )
+        columns = [c for c in rows[0] if c not in ("text", "rank", "example_id")]
+        scored[path.parent.parent.name][path.parent.name] = {c: np.array([r[c] for r in rows]) for c in columns}
+    return scored
+
+
+def agreement_table(root: Path, fractions: list[float], stratify: bool) -> str:
+    """How alike the scores are: Spearman rank correlation with the SAMA scores and the share of the SAMA-kept
+    examples that a method keeps too, mean over the seeds both were scored with; and how the SAMA score relates to
+    the loss and eval-mode weight of each example at the end of its scoring run."""
+    scored = _score_files(root)
     if "sama" not in scored:
         return "no SAMA scores yet"
+    sama = scored["sama"]
     fractions = sorted((f for f in fractions if f < 1.0), reverse=True)
     head = "| scores | seeds | Spearman with sama | " + " | ".join(f"kept with sama at {f:g}" for f in fractions)
     lines = [head + " |", "|---" * (3 + len(fractions)) + "|"]
     for method in sorted(m for m in scored if m != "sama"):
-        seeds = sorted(set(scored[method]) & set(scored["sama"]))
+        seeds = sorted(set(scored[method]) & set(sama))
         if not seeds:
             continue
-        corr = np.mean([_rank_correlation(scored["sama"][s][0], scored[method][s][0]) for s in seeds])
+        corr = np.mean([_rank_correlation(sama[s]["score"], scored[method][s]["score"]) for s in seeds])
         shares = []
         for f in fractions:
             overlap = []
             for s in seeds:
-                (ours, labels), theirs = scored["sama"][s], scored[method][s][0]
-                kept = set(keep_indices(ours, f, labels=labels).tolist())
-                overlap.append(len(kept & set(keep_indices(theirs, f, labels=labels).tolist())) / len(kept))
+                labels = sama[s]["label"] if stratify else None
+                kept = set(keep_indices(sama[s]["score"], f, labels=labels).tolist())
+                theirs = keep_indices(scored[method][s]["score"], f, labels=labels).tolist()
+                overlap.append(len(kept & set(theirs)) / len(kept))
             shares.append(f"{np.mean(overlap):.3f}")
         lines.append(f"| {method} | {len(seeds)} | {corr:+.3f} | " + " | ".join(shares) + " |")
-    return "\n".join(lines) + "\n\nTwo independent random selections share the kept fraction itself on average."
+    text = "\n".join(lines) + "\n\nTwo independent random selections share the kept fraction itself on average."
+    for column, what in (("final_loss", "loss"), ("final_weight", "eval-mode weight")):
+        seeds = [s for s in sama if column in sama[s]]
+        if seeds:
+            corr = np.mean([_rank_correlation(sama[s]["score"], sama[s][column]) for s in seeds])
+            text += f" SAMA score vs each example's {what} at the end of its scoring run: Spearman {corr:+.3f}"
+            text += f" (mean over {len(seeds)} seed(s))."
+    return text
 
 
 def plot(rows: list[dict[str, Any]], path: Path, dataset: str) -> None:
