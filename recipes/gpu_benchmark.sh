@@ -5,7 +5,7 @@
 #   bert_base_bf16        the same in bf16 autocast
 #   bert_base_fp32_eager  finetune, sama and the second-order methods (unrolled, neumann, cg), eager attention:
 #                         they differentiate twice through the model, which SDPA's fused GPU kernels do not support
-# Writes <suite>.json / .md / .png into OUT_DIR (default outputs/benchmark).
+# Writes <suite>.json / .md into OUT_DIR (default outputs/benchmark).
 #   bash recipes/gpu_benchmark.sh [OUT_DIR]
 # Environment: PYTHON (interpreter), SUITES (default "fp32 bf16 fp32_eager"), REPEATS (default 3),
 # WORKER_TIMEOUT (seconds per worker, default 300), BENCH_ARGS (extra benchmark.py flags).
