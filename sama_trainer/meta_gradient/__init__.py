@@ -13,6 +13,7 @@ from .core import (
     global_norm,
     grads_or_zeros,
     meta_loss_gradients,
+    meta_loss_stats,
 )
 from .registry import (
     SKIP_REASONS,
@@ -48,5 +49,6 @@ __all__ = [
     "local_agreement",
     "meta_gradient",
     "meta_loss_gradients",
+    "meta_loss_stats",
     "register_method",
 ]

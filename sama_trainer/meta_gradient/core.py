@@ -21,6 +21,7 @@ __all__ = [
     "global_norm",
     "grads_or_zeros",
     "meta_loss_gradients",
+    "meta_loss_stats",
 ]
 
 
@@ -56,6 +57,11 @@ def meta_loss_gradients(
             torch._foreach_div_(grads, loss_scale)
     n = len(base_params)
     return loss.detach(), grads[:n], grads[n:]
+
+
+def meta_loss_stats(loss: torch.Tensor, v_norm: torch.Tensor) -> dict[str, float]:
+    """The stats every method logs of its meta loss: ``meta_loss`` = L_meta and ``v_norm`` = ‖∂L_meta/∂θ‖₂."""
+    return {"meta_loss": float(loss.float().item()), "v_norm": float(v_norm.item())}
 
 
 # A gradient with at least this many rows is taken for a lookup table (a vocabulary embedding): after a step its

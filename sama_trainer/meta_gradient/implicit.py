@@ -10,19 +10,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
-from .core import global_norm
-from .registry import LossClosure, MetaGradients, register_method
-from .second_order import Vectors, base_gradient, check_options, dot, finite, hvp, meta_loss_gradients, mixed_product
+from .core import global_norm, meta_loss_stats
+from .registry import LossClosure, MetaGradients, all_finite, register_method
+from .second_order import (
+    Vectors,
+    base_gradient,
+    check_options,
+    dot,
+    finite,
+    hvp,
+    meta_loss_gradients,
+    subtract_mixed_product,
+)
 
 
 __all__ = ["cg", "neumann"]
 
+# solve(hvp, v, stats) ≈ H⁻¹v, from Hessian-vector products hvp(x) = H·x; may add its own entries to ``stats``
+Solver = Callable[[Callable[[Vectors], Vectors], Vectors, dict[str, float]], Vectors]
 
-def _neumann_solve(hvp: Callable[[Vectors], Vectors], v: Vectors, alpha: float, iterations: int) -> Vectors:
+
+def _neumann_solve(
+    hvp: Callable[[Vectors], Vectors], v: Vectors, stats: dict[str, float], *, alpha: float, iterations: int
+) -> Vectors:
     """p = α Σ_{k=0..K} (I - αH)^k v (K + 1 terms, K Hessian-vector products)."""
     term = [t.clone() for t in v]
     total = [t.clone() for t in v]
@@ -34,7 +49,13 @@ def _neumann_solve(hvp: Callable[[Vectors], Vectors], v: Vectors, alpha: float, 
 
 
 def _cg_solve(
-    hvp: Callable[[Vectors], Vectors], v: Vectors, iterations: int, damping: float, tol: float, stats: dict[str, float]
+    hvp: Callable[[Vectors], Vectors],
+    v: Vectors,
+    stats: dict[str, float],
+    *,
+    iterations: int,
+    damping: float,
+    tol: float,
 ) -> Vectors:
     """At most K conjugate-gradient steps on (H + δI) x = v from x₀ = 0 (direction update with r_{k+1})."""
     x = [torch.zeros_like(t) for t in v]
@@ -66,17 +87,22 @@ def _cg_solve(
 
 
 def _implicit_method(
+    name: str,
     base_params: list[torch.Tensor],
     meta_params: list[torch.Tensor],
     base_loss: LossClosure,
     meta_loss: LossClosure,
-    solve: Callable[[Callable[[Vectors], Vectors], Vectors, dict[str, float]], Vectors],
+    iterations: int,
+    solve: Solver,
     options: dict[str, Any],
 ) -> MetaGradients:
-    """IFT hypergradient direct - ∂(g·p)/∂λ with p = solve(hvp, v) ≈ H⁻¹v."""
+    """IFT hypergradient direct - ∂(g·p)/∂λ with p = solve(hvp, v, stats) ≈ H⁻¹v in ``iterations`` (checked first)."""
+    check_options(name, options)
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0 (got {iterations})")
     loss, v, direct = meta_loss_gradients(meta_loss, base_params, meta_params, options)
-    stats = {"meta_loss": float(loss.float().item()), "v_norm": float(global_norm(v).item())}
-    if not (finite(stats["meta_loss"]) and finite(stats["v_norm"])):
+    stats = meta_loss_stats(loss, global_norm(v))
+    if not all_finite(stats["meta_loss"], stats["v_norm"]):
         return MetaGradients.skip(meta_params, stats, ["nonfinite_v"])
     if stats["v_norm"] == 0.0:  # the meta loss does not see θ: no implicit part
         return MetaGradients(direct, stats)
@@ -87,12 +113,7 @@ def _implicit_method(
     stats["ihvp_norm"] = float(global_norm(p).item())
     if not finite(stats["ihvp_norm"]):
         return MetaGradients.skip(meta_params, stats, ["nonfinite_ihvp"])
-    implicit = mixed_product(g, meta_params, p)
-    with torch.no_grad():
-        grads = torch._foreach_sub(direct, implicit)
-    if not finite(global_norm(grads)):
-        return MetaGradients.skip(meta_params, stats, ["nonfinite_meta_grad"])
-    return MetaGradients(grads, stats)
+    return subtract_mixed_product(direct, g, meta_params, p, stats)
 
 
 @register_method("neumann", second_order=True)
@@ -114,17 +135,8 @@ def neumann(
     definite H. ``iterations`` K (5; the reference library defaults to 1): K Hessian-vector products (double
     backward through the base model). The optimizer is not used.
     """
-    check_options("neumann", options)
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0 (got {iterations})")
-    return _implicit_method(
-        base_params,
-        meta_params,
-        base_loss,
-        meta_loss,
-        lambda hvp, v, stats: _neumann_solve(hvp, v, alpha, iterations),
-        options,
-    )
+    solve = partial(_neumann_solve, alpha=alpha, iterations=iterations)
+    return _implicit_method("neumann", base_params, meta_params, base_loss, meta_loss, iterations, solve, options)
 
 
 @register_method("cg", second_order=True)
@@ -149,14 +161,5 @@ def cg(
     ``alpha`` is accepted for the shared signature and not used (CG has no step size). Stats: ``cg_iterations``,
     ``cg_residual`` (‖r‖/‖v‖), ``cg_negative_curvature`` (steps with pᵀ(H + δI)p < 0; H is indefinite there).
     """
-    check_options("cg", options)
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0 (got {iterations})")
-    return _implicit_method(
-        base_params,
-        meta_params,
-        base_loss,
-        meta_loss,
-        lambda hvp, v, stats: _cg_solve(hvp, v, iterations, damping, tol, stats),
-        options,
-    )
+    solve = partial(_cg_solve, iterations=iterations, damping=damping, tol=tol)
+    return _implicit_method("cg", base_params, meta_params, base_loss, meta_loss, iterations, solve, options)

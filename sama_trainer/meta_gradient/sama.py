@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..adaptation import apply_adaptation_, check_adaptation_supported
-from .core import Perturbation, adapted_meta_loss_gradients, global_norm, meta_loss_gradients
+from .core import Perturbation, adapted_meta_loss_gradients, global_norm, meta_loss_gradients, meta_loss_stats
 from .registry import Agreement, LossClosure, MetaGradients, all_finite, local_agreement, register_method
 
 
@@ -89,11 +89,11 @@ def _finite_difference(
                 bias_correction=bias_correction,
                 loss_scale=loss_scale,
             )
-            stats = {"meta_loss": float(loss.float().item()), "v_norm": float(v_norm.item())}
+            stats = meta_loss_stats(loss, v_norm)
             workspace = None
         else:
             loss, u, direct = meta_loss_gradients(meta_loss, base_params, meta_params, loss_scale)
-            stats = {"meta_loss": float(loss.float().item()), "v_norm": float(global_norm(u).item())}
+            stats = meta_loss_stats(loss, global_norm(u))
         if not all_finite(stats["meta_loss"], stats["v_norm"]):
             reason = "nonfinite_v"
         else:
@@ -198,21 +198,13 @@ def sama_na(
     alpha: float = 1.0,
     **options: Any,
 ) -> MetaGradients:
-    """SAMA without algorithmic adaptation: u = v whatever the base optimizer (the paper's SAMA-NA ablation).
+    """SAMA without algorithmic adaptation: :func:`sama` with u = v whatever the base optimizer (the paper's SAMA-NA
+    ablation).
 
     Options as for :func:`sama` (``bias_correction`` has no effect); ``last_grads`` only serve as buffers with
     ``consume_grads=True``.
     """
-    return _finite_difference(
-        base_params,
-        meta_params,
-        base_loss,
-        meta_loss,
-        optimizer=None,
-        last_grads=last_grads,
-        alpha=alpha,
-        **options,
-    )
+    return sama(base_params, meta_params, base_loss, meta_loss, last_grads=last_grads, alpha=alpha, **options)
 
 
 @register_method("t1t2", agrees=True)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from . import core
-from .core import grads_or_zeros
-from .registry import LossClosure
+from .core import global_norm, grads_or_zeros
+from .registry import LossClosure, MetaGradients
 
 
 Vectors = list[torch.Tensor]
@@ -94,6 +94,22 @@ def mixed_product(
 ) -> Vectors:
     """∂(g·vec)/∂λ = (∂²L_base/∂λ∂θ)·vec; releases g's graph (always the last use)."""
     return vjp(g, meta_params, vec, retain=False)
+
+
+def subtract_mixed_product(
+    direct: Vectors,
+    g: Sequence[torch.Tensor],
+    meta_params: Sequence[torch.Tensor],
+    vec: Sequence[torch.Tensor],
+    stats: dict[str, float],
+) -> MetaGradients:
+    """The meta-gradient direct - ∂(g·vec)/∂λ, skipped as ``nonfinite_meta_grad`` if not finite; frees g's graph."""
+    implicit = mixed_product(g, meta_params, vec)
+    with torch.no_grad():
+        grads = torch._foreach_sub(direct, implicit)
+    if not finite(global_norm(grads)):
+        return MetaGradients.skip(meta_params, stats, ["nonfinite_meta_grad"])
+    return MetaGradients(grads, stats)
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

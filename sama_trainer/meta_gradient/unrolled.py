@@ -8,9 +8,16 @@ from typing import Any
 import torch
 
 from ..adaptation import apply_adaptation_, check_adaptation_supported
-from .core import global_norm
-from .registry import LossClosure, MetaGradients, register_method
-from .second_order import Vectors, base_gradient, check_options, finite, meta_loss_gradients, mixed_product
+from .core import global_norm, meta_loss_stats
+from .registry import LossClosure, MetaGradients, all_finite, register_method
+from .second_order import (
+    Vectors,
+    base_gradient,
+    check_options,
+    finite,
+    meta_loss_gradients,
+    subtract_mixed_product,
+)
 
 
 __all__ = ["unrolled"]
@@ -74,16 +81,10 @@ def unrolled(
     finally:
         for p, s in zip(base_params, saved):
             p.data.copy_(s)
-    stats["meta_loss"] = float(loss.float().item())
-    stats["v_norm"] = float(global_norm(v).item())
-    if not (finite(stats["meta_loss"]) and finite(stats["v_norm"])):
+    stats.update(meta_loss_stats(loss, global_norm(v)))
+    if not all_finite(stats["meta_loss"], stats["v_norm"]):
         return MetaGradients.skip(meta_params, stats, ["nonfinite_v"])
     with torch.no_grad():  # on a copy: autograd may hand out one tensor for ∂/∂θ and ∂/∂λ (e.g. L(θ + λ))
         u = _precondition_([t.clone() for t in v], optimizer, base_params, last_grads, lr, bias_correction)
         torch._foreach_mul_(u, alpha)
-    implicit = mixed_product(g, meta_params, u)
-    with torch.no_grad():
-        grads = torch._foreach_sub(direct, implicit)
-    if not finite(global_norm(grads)):
-        return MetaGradients.skip(meta_params, stats, ["nonfinite_meta_grad"])
-    return MetaGradients(grads, stats)
+    return subtract_mixed_product(direct, g, meta_params, u, stats)
