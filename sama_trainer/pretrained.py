@@ -69,18 +69,29 @@ def build_word_tokenizer(texts: list[str], vocab_size: int = 5000) -> Any:
     )
 
 
-def tiny_bert_classifier(vocab_size: int, num_labels: int, max_positions: int = 512) -> Any:
-    """A randomly initialised 2-layer BERT classifier (hidden size 64): runs anywhere in seconds."""
+def tiny_bert_classifier(
+    vocab_size: int,
+    num_labels: int,
+    max_positions: int = 512,
+    *,
+    hidden_size: int = 64,
+    num_heads: int = 2,
+    dropout: float = 0.1,
+) -> Any:
+    """A randomly initialised 2-layer BERT classifier (feed-forward size 2 × ``hidden_size``): runs anywhere in
+    seconds. ``dropout`` is the hidden and attention dropout probability."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
+        num_attention_heads=num_heads,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=max_positions,
         num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return BertForSequenceClassification(config)
 

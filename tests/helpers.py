@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from sama_trainer import SAMAConfig
+from sama_trainer.pretrained import tiny_bert_classifier
 
 
 VOCAB = 64
 
 
 def tiny_bert(num_labels: int = 3, dropout: float = 0.1, seed: int = 0) -> BertForSequenceClassification:
+    """The library's tiny BERT classifier, smaller still (hidden size 16), seeded."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert_classifier(VOCAB, num_labels, max_positions=32, hidden_size=16, num_heads=4, dropout=dropout)
 
 
 def token_dataset(n: int, num_labels: int = 3, seq_len: int = 8, seed: int = 0, noise: float = 0.0) -> Dataset:
