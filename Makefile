@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all demo lint format wrench-table benchmark benchmark-gpu clean
+.PHONY: install test demo lint format wrench-table benchmark benchmark-gpu clean
 
 install: $(STAMP)
 
@@ -26,12 +26,6 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
-
-test-slow: install
-	$(PY) -m pytest -m "slow" -q $(PYTEST_ARGS)
-
-test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install

@@ -1,8 +1,9 @@
 """``SAMAParser``: command lines over dataclasses with YAML config files (as TRL's ``TrlParser``).
 
 ``--config a.yaml --config b.yaml`` merges the files in order (later files win), their values become defaults, and
-every other flag overrides them. A top-level ``env:`` mapping in a file is exported to ``os.environ``. Unknown keys in
-a file are an error that lists the valid ones.
+every other flag overrides them. A file may start from other files with a top-level ``config:`` entry (a path or a
+list, relative to the file), read before its own values. A top-level ``env:`` mapping in a file is exported to
+``os.environ``. Unknown keys in a file are an error that lists the valid ones.
 """
 
 from __future__ import annotations
@@ -23,12 +24,24 @@ __all__ = ["SAMAParser", "load_config_files"]
 
 def load_config_files(paths: Iterable[str], valid: set[str] | None = None) -> dict[str, Any]:
     """Merge YAML mappings in order (later files win); export each file's ``env:`` mapping to ``os.environ``."""
+    return _merge_config_files(paths, valid, including=())
+
+
+def _merge_config_files(paths: Iterable[str], valid: set[str] | None, including: tuple[str, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for path in paths:
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of option -> value")
+        bases = config.pop("config", None) or []
+        if bases:
+            bases = [bases] if isinstance(bases, str) else list(bases)
+            bases = [os.path.join(os.path.dirname(os.path.abspath(path)), b) for b in bases]
+            looped = [b for b in bases if os.path.abspath(b) in including + (os.path.abspath(path),)]
+            if looped:
+                raise ValueError(f"{path}: config files include each other in a loop ({looped[0]})")
+            merged.update(_merge_config_files(bases, valid, including + (os.path.abspath(path),)))
         for key, value in (config.pop("env", None) or {}).items():
             os.environ[str(key)] = str(value)
         if valid is not None:

@@ -34,6 +34,26 @@ def test_configs_merge_in_order_and_flags_win(tmp_path):
     assert isinstance(args, SAMAConfig) and args.output_dir == "o"
 
 
+def test_a_file_starts_from_the_files_it_names(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text("dataset_dir: base\nthreshold: 0.1\nmax_steps: 7\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("config: shared/base.yaml\nthreshold: 0.2\n")  # relative to child.yaml, not the cwd
+    options, args = parse(["--config", str(child), "--max_steps", "9", "--output_dir", "o"])
+    assert options.dataset_dir == "base" and options.threshold == 0.2 and args.max_steps == 9
+    other = tmp_path / "other.yaml"
+    other.write_text(f"config: [{child}]\ndataset_dir: other\n")  # a list, absolute path; two levels deep
+    options, _ = parse(["--config", str(other), "--output_dir", "o"])
+    assert options.dataset_dir == "other" and options.threshold == 0.2
+
+
+def test_config_files_that_include_each_other_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("config: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("config: a.yaml\n")
+    with pytest.raises(ValueError, match="loop"):
+        parse(["--config", str(tmp_path / "a.yaml"), "--output_dir", "o"])
+
+
 def test_without_config_it_is_a_plain_argument_parser():
     options, args = parse(["--threshold", "0.3", "--output_dir", "o", "--meta_objective", "correct"])
     assert options.threshold == 0.3 and args.meta_objective == "correct"
