@@ -359,19 +359,39 @@ def summary(task: WeakSupervisionTask, results: list[dict[str, Any]], root: str)
         f"{task.weak_label_accuracy:.1%} correct), {len(task.clean)} clean (meta) examples, {len(task.test)} test "
         f"examples; model {results[0]['model']}",
         "",
-        f"| method | test {task.metric_name} | clean-set {task.metric_name} | steps | training s |",
-        "|---|---|---|---|---|",
+        f"| method | test {task.metric_name} | clean-set {task.metric_name} | steps | training s | × finetune |",
+        "|---|---|---|---|---|---|",
     ]  # fmt: skip
+    plain = next((r for r in results if r["method"] == "finetune"), None)
     for r in results:
+        ratio = f"{r['train_seconds'] / plain['train_seconds']:.2f}" if plain and plain["train_seconds"] else "–"
         lines.append(f"| {r['method']} | {100 * r['test_metric']:.1f} | {100 * r['valid_metric']:.1f} | "
-                     f"{r['train_steps']} | {r['train_seconds']:.0f} |")  # fmt: skip
+                     f"{r['train_steps']} | {r['train_seconds']:.0f} | {ratio} |")  # fmt: skip
     best = max(results, key=lambda r: r["test_metric"])
-    lines += ["", f"Best on test: {best['method']} ({100 * best['test_metric']:.1f})."]
+    lines += ["", f"Best on test: {best['method']} ({100 * best['test_metric']:.1f}). {meaning(results)}"]
     for r in results:
         folder = os.path.join(root, r["method"]) if len(results) > 1 else root
         if os.path.isfile(os.path.join(folder, "weights_hist.png")):
             lines.append(f"{r['method']}: weights picture {folder}/weights_hist.png, model card {folder}/README.md")
     return "\n".join(lines)
+
+
+def meaning(results: list[dict[str, Any]]) -> str:
+    """One sentence on what the comparison says."""
+    by = {r["method"]: 100 * r["test_metric"] for r in results}
+    sama = [m for m in by if m.startswith("sama")]
+    if "finetune" not in by or not sama:
+        return ""
+    best = max(sama, key=by.get)
+    gain = by[best] - by["finetune"]
+    text = (f"Meta-learned weights on the same weak labels and steps: {best} is {abs(gain):.1f} points "
+            f"{'above' if gain >= 0 else 'below'} plain fine-tuning")  # fmt: skip
+    clean = [m for m in ("cft", "clean_only", "finetune_clean") if m in by]
+    if clean:
+        top = max(clean, key=by.get)
+        text += f" and {abs(by[best] - by[top]):.1f} {'above' if by[best] >= by[top] else 'below'} {top}, "
+        text += "which trains on the clean set instead of learning from it"
+    return text + " (one seed: see RESULTS.md for the seed spread)."
 
 
 def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -22,7 +23,8 @@ from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_wea
 from sama_trainer.data.preparation import hold_out_valid_half, load_wrench_from_hub
 
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "wrench_noisy_finetune.py"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE = REPO_ROOT / "recipes" / "wrench_noisy_finetune.py"
 RESULT_KEYS = {
     "method",
     "dataset",
@@ -420,12 +422,38 @@ def test_dataset_name_picks_the_wrench_folder_of_a_hub_snapshot(recipe, wrench_d
         recipe.load_data(script_args, 0)
 
 
-@pytest.mark.parametrize("name", ["demo", "wrench_youtube", "wrench_sms", "wrench_trec", "wrench_chemprot"])
-def test_shipped_configs_parse(recipe, name):
-    """Every key of the shipped YAML configs is an option of the recipe (a typo would be an error here)."""
-    _, training_args = parse(recipe, ["--config", str(RECIPE.parent / "configs" / f"{name}.yaml")])
-    assert training_args.meta_weight_normalize and training_args.meta_weight_normalize_by_class
-    assert training_args.meta_weight_center and training_args.correction_meta_learning_rate == 1e-2
+WRENCH_CONFIGS = ["demo", "wrench_youtube", "wrench_sms", "wrench_trec", "wrench_chemprot"]
+
+
+@pytest.mark.parametrize("name", WRENCH_CONFIGS)
+def test_shipped_configs_parse_and_share_the_default_settings(recipe, name):
+    """Every key of the shipped YAML configs is an option of the recipe (a typo would be an error here), and every
+    dataset config trains with wrench_default.yaml's settings: only data, input length and steps differ."""
+    configs = RECIPE.parent / "configs"
+    script_args, training_args = parse(recipe, ["--config", str(configs / f"{name}.yaml")])
+    default_script, default_training = parse(recipe, ["--config", str(configs / "wrench_default.yaml")])
+    own = {"max_steps", "output_dir", "logging_dir", "disable_tqdm"}
+    differing = {
+        f.name for f in dataclasses.fields(training_args)
+        if f.name not in own and getattr(training_args, f.name) != getattr(default_training, f.name)
+    }  # fmt: skip
+    assert differing == set()
+    assert training_args.unroll_steps == default_training.unroll_steps == 10 and training_args.meta_weight_center
+    assert Path(REPO_ROOT, script_args.dataset_dir).is_dir() or script_args.dataset_dir.startswith("../shared")
+
+
+def test_demo_reads_the_shipped_data(recipe):
+    script_args, _ = parse(recipe, ["--config", str(RECIPE.parent / "configs" / "demo.yaml")])
+    assert (REPO_ROOT / script_args.dataset_dir / "train.json").is_file() and script_args.log_file
+
+
+def test_paper_protocol_config_overrides_a_dataset_config(recipe):
+    configs = RECIPE.parent / "configs"
+    _, args = parse(
+        recipe, ["--config", str(configs / "wrench_trec.yaml"), "--config", str(configs / "wrench_paper.yaml")]
+    )
+    assert (args.per_device_train_batch_size, args.max_steps, args.learning_rate) == (32, 1000, 1e-5)
+    assert (args.meta_learning_rate, args.unroll_steps, args.lr_scheduler_type.value) == (1e-5, 10, "cosine")
 
 
 @pytest.mark.parametrize(
