@@ -352,19 +352,25 @@ def _device(spec: dict[str, Any]) -> Any:
     return torch.device("cuda")
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train ``spec["method"]`` (``finetune`` = plain ``Trainer``) and return its measurements."""
+def prepare_run(spec: dict[str, Any]) -> tuple[Any, Any, TokenDataset, TokenDataset, PeakMemory]:
+    """(device, model on it, training data, meta data, peak memory counted from now) of a worker's run."""
     import torch
-    from transformers import Trainer, TrainingArguments
-
-    from sama_trainer import SAMAConfig, SAMATrainer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = _device(spec)
     model, train_data, meta_data = build_workload(spec)
     model.to(device)
-    memory = PeakMemory(device)
+    return device, model, train_data, meta_data, PeakMemory(device)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train ``spec["method"]`` (``finetune`` = plain ``Trainer``) and return its measurements."""
+    from transformers import Trainer, TrainingArguments
+
+    from sama_trainer import SAMAConfig, SAMATrainer
+
+    device, model, train_data, meta_data, memory = prepare_run(spec)
     clock = StepClock(spec["warmup_steps"], spec["steps"], device)
     if spec.get("world_size", 1) > 1:
         count_collective_bytes(clock)
@@ -525,6 +531,17 @@ def environment(threads: int | None) -> dict[str, Any]:
     return env
 
 
+def finish(report: dict[str, Any], markdown: str, args: argparse.Namespace) -> int:
+    """Write the report; exit code 1 (and the names on stderr) if a run or a memory run failed."""
+    write_report(report, markdown, args.output, args.markdown)
+    summary, memory = report["summary"], report["peak_memory_mb"]
+    failed = [n for n, e in summary.items() if "error" in e] + [n for n, m in memory.items() if m is None]
+    if failed:
+        print(f"FAILED: {sorted(set(failed))}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def write_report(report: dict[str, Any], markdown: str, output: str | None, markdown_path: str | None) -> None:
     print("\n" + markdown)
     if output:
@@ -537,6 +554,61 @@ def write_report(report: dict[str, Any], markdown: str, output: str | None, mark
 
 def _fmt(x: Any, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def describe_workload(cfg: dict[str, Any]) -> str:
+    """The model and batch of a report's ``config``, as the first words of its markdown."""
+    return (
+        f"BERT {cfg['num_hidden_layers']} layers x {cfg['hidden_size']} hidden ({cfg['num_params'] / 1e6:.1f}M "
+        f"parameters), seq_len {cfg['seq_len']}, batch {cfg['batch_size']}"
+    )
+
+
+def throughput_ratios(runs: dict[str, list[dict]], a: str, b: str) -> dict[str, float | None]:
+    """``a``'s throughput over ``b``'s: wall clock (``throughput``) and CPU time (``throughput_cpu``)."""
+    return {
+        "throughput": paired_ratio(runs, a, b, "samples_per_s"),
+        "throughput_cpu": paired_ratio(runs, a, b, "samples_per_cpu_s"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line shared by the benchmark recipes
+
+
+def add_common_arguments(p: argparse.ArgumentParser, memory_runs: bool = True) -> None:
+    """The options every benchmark recipe takes (and ``--no_memory_runs`` where it measures memory)."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    p.add_argument("--learning_rate", type=float, default=2e-5)
+    p.add_argument("--seed", type=int, default=0)
+    if memory_runs:
+        p.add_argument("--no_memory_runs", action="store_true", help="skip the live-memory runs (peak RSS only)")
+    p.add_argument("--worker_timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument("--output", default=None, help="JSON report")
+    p.add_argument("--markdown", default=None, help="markdown table")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def workload_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The run settings every recipe passes on from its command line."""
+    return {
+        "model_config": args.model_config,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "cpu": args.cpu,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+    }
+
+
+def served_as_worker(args: argparse.Namespace, run_fn: Any) -> bool:
+    """In a worker process (``--worker SPEC``): run the spec with ``run_fn`` and return True."""
+    if args.worker is None:
+        return False
+    worker_main(json.loads(args.worker), run_fn)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,8 +631,7 @@ def method_ratios(runs: dict[str, list[dict]], memory: dict[str, float | None]) 
     out = {}
     for name in runs:
         out[name] = {
-            "throughput": paired_ratio(runs, name, FINETUNE, "samples_per_s"),
-            "throughput_cpu": paired_ratio(runs, name, FINETUNE, "samples_per_cpu_s"),
+            **throughput_ratios(runs, name, FINETUNE),
             "memory": memory[name] / base_mem if memory.get(name) is not None and base_mem else None,
             "rss_default_malloc": paired_ratio(runs, name, FINETUNE, "peak_mem_mb"),
         }
@@ -570,9 +641,8 @@ def method_ratios(runs: dict[str, list[dict]], memory: dict[str, float | None]) 
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, summary, ratios, memory = report["config"], report["summary"], report["ratios"], report["peak_memory_mb"]
     lines = [
-        f"BERT {cfg['num_hidden_layers']} layers x {cfg['hidden_size']} hidden ({cfg['num_params'] / 1e6:.1f}M "
-        f"parameters), seq_len {cfg['seq_len']}, batch {cfg['batch_size']} (meta batch = base batch), unroll "
-        f"{cfg['unroll_steps']}, {cfg['steps']} timed steps after {cfg['warmup_steps']} warm-up steps, "
+        f"{describe_workload(cfg)} (meta batch = base batch), unroll {cfg['unroll_steps']}, {cfg['steps']} timed "
+        f"steps after {cfg['warmup_steps']} warm-up steps, "
         f"{cfg['repeats']} interleaved repeats, {cfg['device']}{', bf16' if cfg.get('bf16') else ''}, "
         f"{cfg['attn_implementation']} attention, torch threads {report['environment']['torch_threads']}.",
         "",
@@ -616,17 +686,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="finetune,sama,sama-na,t1t2", help="'finetune' = plain Trainer; or 'all'")
     p.add_argument("--method_kwargs", default="{}", help='JSON: method -> meta_gradient_kwargs, e.g. {"cg": {...}}')
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--attn_implementation", default=None, help="e.g. eager (second-order methods need it on GPU)")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
-    p.add_argument("--learning_rate", type=float, default=2e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_memory_runs", action="store_true", help="skip the live-memory runs (peak RSS only)")
-    p.add_argument("--worker_timeout", type=float, default=3600.0, help="seconds per run")
-    p.add_argument("--output", default=None, help="JSON report")
-    p.add_argument("--markdown", default=None, help="markdown table")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(p)
     args = p.parse_args(argv)
     if args.worker is None and min(args.unroll_steps, args.steps, args.batch_size, args.repeats) < 1:
         p.error("--unroll_steps, --steps, --batch_size and --repeats must be >= 1")
@@ -637,27 +699,20 @@ def base_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The run settings shared by every method (``steps`` rounded up to a multiple of the unroll)."""
     unroll = args.unroll_steps
     return {
-        "model_config": args.model_config,
+        **workload_spec(args),
         "num_hidden_layers": args.num_layers,
         "hidden_size": args.hidden_size,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
         "unroll_steps": unroll,
         "steps": -(-args.steps // unroll) * unroll,
         "warmup_steps": unroll if args.warmup_steps is None else args.warmup_steps,
-        "threads": args.threads,
         "bf16": args.bf16,
-        "cpu": args.cpu,
         "attn_implementation": args.attn_implementation,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker is not None:
-        worker_main(json.loads(args.worker), run)
+    if served_as_worker(args, run):
         return 0
     from sama_trainer import available_methods
 
@@ -701,12 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         unroll = spec["unroll_steps"]
         ceiling = unroll * step / (unroll * step + fwd_bwd + 2 * fwd)
         report["cost_model"] = {"fwd_bwd_ms": fwd_bwd, "fwd_ms": fwd, "step_ms": step, "ceiling": ceiling}
-    write_report(report, render_markdown(report), args.output, args.markdown)
-    failed = [name for name, e in summary.items() if "error" in e] + [n for n, m in memory.items() if m is None]
-    if failed:
-        print(f"FAILED: {sorted(set(failed))}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(report, render_markdown(report), args)
 
 
 if __name__ == "__main__":

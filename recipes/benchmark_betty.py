@@ -25,27 +25,28 @@ Betty is an optional extra (``pip install -e .[betty]`` installs it; on Python >
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from benchmark import (
     FINETUNE,
-    PeakMemory,
     StepClock,
-    _device,
     _fmt,
+    add_common_arguments,
     build_model_config,
     build_optimizer,
-    build_workload,
+    describe_workload,
     environment,
+    finish,
     measure_memory,
     paired_ratio,
+    prepare_run,
     run_interleaved,
+    served_as_worker,
     summarize,
-    worker_main,
-    write_report,
+    throughput_ratios,
+    workload_spec,
 )
 from benchmark import run as run_trainer
 
@@ -86,13 +87,8 @@ def run_betty(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sama_trainer import MetaWeightNet
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = _device(spec)
-    model, train_data, meta_data = build_workload(spec)
-    model.to(device)
+    device, model, train_data, meta_data, memory = prepare_run(spec)
     meta_net = MetaWeightNet()
-    memory = PeakMemory(device)
 
     def model_inputs(batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != "labels"}
@@ -158,8 +154,7 @@ def comparison(runs: dict[str, list[dict]], memory: dict[str, float | None], unr
         m_ours, m_betty, m_plain = memory.get(ours), memory.get(betty), memory.get(plain)
         known = None not in (m_ours, m_betty, m_plain)
         out[str(u)] = {
-            "throughput": paired_ratio(runs, ours, betty, "samples_per_s"),
-            "throughput_cpu": paired_ratio(runs, ours, betty, "samples_per_cpu_s"),
+            **throughput_ratios(runs, ours, betty),
             "sama_trainer_vs_plain_cpu": paired_ratio(runs, ours, plain, "samples_per_cpu_s"),
             "betty_vs_plain_cpu": paired_ratio(runs, betty, plain, "samples_per_cpu_s"),
             "memory": m_ours / m_betty if known else None,
@@ -171,8 +166,7 @@ def comparison(runs: dict[str, list[dict]], memory: dict[str, float | None], unr
 def render_markdown(report: dict[str, Any]) -> str:
     cfg, summary, memory, cmp = report["config"], report["summary"], report["peak_memory_mb"], report["comparison"]
     lines = [
-        f"BERT {cfg['num_hidden_layers']} layers x {cfg['hidden_size']} hidden ({cfg['num_params'] / 1e6:.1f}M "
-        f"parameters), seq_len {cfg['seq_len']}, batch {cfg['batch_size']}, {cfg['repeats']} interleaved repeats, "
+        f"{describe_workload(cfg)}, {cfg['repeats']} interleaved repeats, "
         f"{cfg['device']}, torch threads {report['environment']['torch_threads']}; timed steps per unroll: "
         + ", ".join(f"{u}: {n} after {w}" for u, (n, w) in cfg["windows"].items())
         + ".",
@@ -202,36 +196,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min_steps", type=int, default=6, help="at least this many timed steps per window")
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {', '.join(TRAINERS)}")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--learning_rate", type=float, default=2e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_memory_runs", action="store_true", help="skip the live-memory runs (peak RSS only)")
-    p.add_argument("--worker_timeout", type=float, default=3600.0)
-    p.add_argument("--output", default=None)
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker is not None:
-        worker_main(json.loads(args.worker), run)
+    if served_as_worker(args, run):
         return 0
     trainers = args.trainers.split(",")
     if set(trainers) - set(TRAINERS):
         raise SystemExit(f"--trainers: choose from {TRAINERS}")
     unrolls = [int(u) for u in args.unroll_steps.split(",")]
-    shared = {
-        "model_config": args.model_config,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "cpu": args.cpu,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
-    }
+    shared = workload_spec(args)
     # a window of whole unrolls, with `meta_steps` meta steps and at least `min_steps` steps; plain training gets
     # the longest window
     windows = {u: (u * max(args.meta_steps, -(-args.min_steps // u)), u) for u in unrolls}
@@ -270,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": comparison(runs, memory, unrolls),
         "runs": runs,
     }
-    write_report(report, render_markdown(report), args.output, args.markdown)
-    failed = [n for n, e in report["summary"].items() if "error" in e] + [n for n, m in memory.items() if m is None]
-    if failed:
-        print(f"FAILED: {sorted(set(failed))}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(report, render_markdown(report), args)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,21 @@ workload of ``recipes/benchmark.py`` (BERT from its config, synthetic tokens, ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmark import FINETUNE, _fmt, environment, launch, run, worker_main, write_report
+from benchmark import (
+    FINETUNE,
+    _fmt,
+    add_common_arguments,
+    environment,
+    launch,
+    run,
+    served_as_worker,
+    workload_spec,
+    write_report,
+)
 
 
 THETA_PASSES = 12
@@ -133,34 +142,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_config", default="bert-mini", help="preset of recipes/benchmark.py (4 layers x 256)")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker_timeout", type=float, default=3600.0)
-    p.add_argument("--output", default=None)
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(p, memory_runs=False)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker is not None:
-        worker_main(json.loads(args.worker), run)
+    if served_as_worker(args, run):
         return 0
     values = dict(ROWS)
     for kind, override in (("hidden", args.hidden), ("seq_len", args.seq_lens), ("unroll", args.unrolls)):
         if override:
             values[kind] = [int(v) for v in override.split(",")]
-    shared = {
-        "model_config": args.model_config,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "cpu": args.cpu,
-        "learning_rate": 2e-5,
-        "seed": args.seed,
-    }
+    shared = workload_spec(args)
     script = str(Path(__file__).resolve())
     rows = []
     for kind in args.rows.split(","):
