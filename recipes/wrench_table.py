@@ -32,7 +32,7 @@ from sama_trainer.reporting import replace_marked_block
 
 
 RECIPES = Path(__file__).resolve().parent
-RESULTS_MARKER = "wrench-table"  # --results_md writes between <!-- wrench-table --> and <!-- /wrench-table -->
+RESULTS_MARKER = "wrench-table"  # default block of --results_md: <!-- wrench-table --> ... <!-- /wrench-table -->
 RECIPE = RECIPES / "wrench_noisy_finetune.py"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 DEFAULT_METHODS = "finetune,finetune_clean,clean_only,cft,sama_na_r,sama_r,sama_rc,sama_rc_clean"
@@ -273,7 +273,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     parser.add_argument(
-        "--results_md", default=None, help=f"also put the table between the {RESULTS_MARKER!r} markers of this file"
+        "--results_md", default=None, help="also put the table between the --results_marker markers of this file"
+    )
+    parser.add_argument(
+        "--results_marker",
+        default=RESULTS_MARKER,
+        help="<!-- NAME --> ... <!-- /NAME --> block that --results_md rewrites",
     )
     parser.add_argument("--collect_only", action="store_true", help="only build the table from existing results")
     parser.add_argument("--plot", default=None, help="also draw the test metric against K per dataset (a PNG)")
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> str:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(table, encoding="utf-8")
     if args.results_md:
-        replace_marked_block(args.results_md, RESULTS_MARKER, table)
+        replace_marked_block(args.results_md, args.results_marker, table)
     if args.plot:
         plot_k_curve(rows, args.plot, methods)
     return table

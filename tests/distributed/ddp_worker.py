@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import tiny_bert, token_dataset  # noqa: E402
+from helpers import sama_args, tiny_bert, token_dataset  # noqa: E402
 
-from sama_trainer import SAMAConfig, SAMATrainer  # noqa: E402
+from sama_trainer import SAMATrainer  # noqa: E402
 from sama_trainer.losses import per_example_cross_entropy  # noqa: E402
 
 
@@ -99,25 +99,10 @@ def hand_estimator(trainer, alpha):
 def run(out_dir, name, counter, check_estimator=False, **overrides):
     train = token_dataset(64, noise=0.3, seed=1).remove_columns(["clean_labels"])
     meta = token_dataset(32, seed=2).remove_columns(["clean_labels"])
-    kwargs = dict(
-        output_dir=os.path.join(out_dir, name),
-        per_device_train_batch_size=4,
-        meta_batch_size=4,
-        max_steps=6,
-        unroll_steps=2,
-        learning_rate=1e-3,
-        meta_learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        logging_steps=100,
-        meta_objective="reweight",
-        meta_gradient="sama-na",
-        sama_alpha=0.5,
-    )
-    kwargs.update(overrides)
-    trainer = Probe(tiny_bert(dropout=0.0), SAMAConfig(**kwargs), train, meta)
+    settings = dict(per_device_train_batch_size=4, meta_batch_size=4, max_steps=6, logging_steps=100)
+    settings.update(meta_objective="reweight", meta_gradient="sama-na", sama_alpha=0.5)
+    args = sama_args(os.path.join(out_dir, name), **{**settings, **overrides})
+    trainer = Probe(tiny_bert(dropout=0.0), args, train, meta)
     trainer.counter = counter
     trainer.train()
     result = {
@@ -133,7 +118,7 @@ def run(out_dir, name, counter, check_estimator=False, **overrides):
         "lambda_bytes": sum(p.numel() * p.element_size() for p in trainer.meta_model.parameters()),
     }
     if check_estimator:
-        expected, local = hand_estimator(trainer, kwargs["sama_alpha"])
+        expected, local = hand_estimator(trainer, args.sama_alpha)
         got = torch.cat([g.flatten() for g in trainer.last_meta_gradients])
         result["estimator_rel_err"] = ((got - expected).norm() / expected.norm()).item()
         result["local_vs_mean_rel"] = ((local - expected).norm() / expected.norm()).item()
