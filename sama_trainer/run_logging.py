@@ -22,6 +22,7 @@ def log_to_file(path: str) -> None:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     transformers.utils.logging.set_verbosity_info()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the Trainer's own bars stay
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     for name in ("datasets", "accelerate", "py.warnings"):

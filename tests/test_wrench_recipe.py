@@ -491,3 +491,25 @@ def test_test_split_is_read_only_by_the_final_evaluation(recipe, wrench_dir, tmp
         assert phases == [("main", len(task.train_tok) + len(task.clean_as_train_tok))]
     else:  # weak (majority-vote) rows first, then the clean set
         assert phases == [("main", len(task.train_tok)), ("clean", len(task.clean_as_train_tok))]
+
+
+def test_console_shows_the_report_and_the_log_file_the_rest(wrench_dir, tmp_path):
+    """A run with --log_file (as `make demo`): the console has the report and progress bars, not the Trainer's
+    per-step log dictionaries or loading reports; those are in the log file."""
+    log = tmp_path / "run.log"
+    cmd = [
+        sys.executable, str(RECIPE), "--dataset_dir", str(wrench_dir), "--model_name_or_path", "tiny-bert",
+        "--output_dir", str(tmp_path / "out"), "--log_file", str(log), "--method", "finetune,sama_r",
+        "--max_steps", "4", "--unroll_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8",
+        "--learning_rate", "1e-3", "--max_seq_length", "24", "--save_model", "false", "--disable_tqdm", "false",
+        "--report_to", "none", "--use_cpu", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert "| finetune |" in console and "| sama_r |" in console and "× finetune" in console
+    assert f"Full log: {log}" in console
+    assert "'loss'" not in console and "meta/meta_loss" not in console and "LOAD REPORT" not in console
+    logged = log.read_text()
+    assert '"loss"' in logged and "meta/meta_loss" in logged  # every per-step log is in the file
