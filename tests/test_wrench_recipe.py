@@ -438,7 +438,7 @@ def test_shipped_configs_parse_and_share_the_default_settings(recipe, name):
         if f.name not in own and getattr(training_args, f.name) != getattr(default_training, f.name)
     }  # fmt: skip
     assert differing == set()
-    assert training_args.unroll_steps == default_training.unroll_steps == 5 and training_args.meta_weight_center
+    assert training_args.unroll_steps == default_training.unroll_steps == 2 and training_args.meta_weight_center
     assert Path(REPO_ROOT, script_args.dataset_dir).is_dir() or script_args.dataset_dir.startswith("../shared")
 
 
