@@ -13,7 +13,7 @@ class MetaBatchStream:
 
     The order depends only on (``seed``, epoch), and the position is saved by :meth:`state_dict`, so a resumed run
     draws exactly the batches an uninterrupted run would. Every batch has ``batch_size`` examples (the tail of an
-    epoch that does not fill a batch starts the next epoch).
+    epoch that does not fill a batch is left out of it: with shuffling, a different few each epoch).
 
     With ``lengths`` (one per example) batches hold examples of similar length, as ``transformers``'
     ``LengthGroupedSampler``: each rank's shard is cut into mega-batches of up to 50 batches, each mega-batch is
@@ -62,15 +62,18 @@ class MetaBatchStream:
 
     def _grouped_by_length(self, shard: list[int]) -> list[int]:
         size = self.batch_size
+        # the examples that do not fill a batch are the last of the shuffled shard, as without grouping, so which
+        # ones sit out an epoch changes with the epoch (sorting first would leave out the shortest every epoch)
+        kept = len(shard) - len(shard) % size
+        shard, tail = shard[:kept], shard[kept:]
         mega = size * 50
         batches = []
         for start in range(0, len(shard), mega):
             part = sorted(shard[start : start + mega], key=lambda i: -self.lengths[i])
             batches += [part[i : i + size] for i in range(0, len(part), size)]
-        full = [b for b in batches if len(b) == size]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
-        order = torch.randperm(len(full), generator=g).tolist() if self.shuffle else range(len(full))
-        return [i for j in order for i in full[j]] + [i for b in batches if len(b) < size for i in b]
+        order = torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches))
+        return [i for j in order for i in batches[j]] + tail
 
     def next_batch(self) -> Any:
         """The next batch (collated)."""

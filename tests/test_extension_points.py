@@ -121,3 +121,16 @@ def test_length_grouping_keeps_epochs_complete_and_batches_homogeneous():
     assert grouped.spread < plain.spread / 3  # examples of a batch have similar lengths
     with pytest.raises(ValueError, match="lengths"):
         _stream(n=5, lengths=[1, 2])
+
+
+def test_length_grouping_leaves_out_a_different_tail_each_epoch():
+    # 20 examples, batches of 16: each epoch leaves 4 out; sorting before cutting would always leave out the 4
+    # shortest (they would never reach the meta loss)
+    lengths = list(range(1, 21))
+    stream = _stream(n=20, batch=16, lengths=lengths)
+    drawn = [set(stream.next_batch()) for _ in range(12)]
+    assert all(len(b) == 16 for b in drawn)
+    assert set().union(*drawn) == set(range(20))
+    assert len({frozenset(set(range(20)) - b) for b in drawn}) > 1
+    shortest = set(sorted(range(20), key=lambda i: lengths[i])[:4])
+    assert sum(len(b & shortest) for b in drawn) > 0.5 * 12 * 4 * 16 / 20  # about their share (38 expected)
