@@ -1,8 +1,10 @@
 """Data pruning by meta-learned importance (SAMA, §4.3 of the paper) against EL2N, loss and random pruning.
 
 Per seed: score every example of the pool (``sama``: a SAMA scoring run whose meta set is the pool itself, score =
-mean weight over its last ``--score_last_epochs`` epochs; ``el2n`` / ``loss``: a short plain fine-tuning run with
-``--el2n_checkpoints`` checkpoints; ``random``), then for every keep fraction fine-tune the pretrained model from
+the meta net's eval-mode weight averaged over ``--score_snapshots`` evenly spaced points of its last
+``--score_last_epochs`` epochs, as the authors' ``filter.py``, or with ``--score_source draws`` the mean weight each
+example received when drawn; ``el2n`` / ``loss``: a short plain fine-tuning run with ``--el2n_checkpoints``
+checkpoints; ``random``), then for every keep fraction fine-tune the pretrained model from
 scratch on the kept examples, for as many epochs as on the whole pool (budget ``epochs``) and for as many optimizer
 steps (budget ``steps``), and evaluate on test. Finished runs are skipped (an interrupted sweep resumes; the SAMA
 scoring run resumes from its last epoch checkpoint). Low score = pruned (``sama_trainer.pruning.keep_indices``).
@@ -39,6 +41,7 @@ from sama_trainer.data import load_cosine, load_wrench  # noqa: E402
 from sama_trainer.model_card import CardMetric, build_model_card  # noqa: E402
 from sama_trainer.pretrained import TINY_BERT, build_word_tokenizer, load_classifier, load_pretrained_tokenizer  # noqa: E402
 from sama_trainer.pruning import (  # noqa: E402
+    MetaWeightSnapshots,
     TrainingDynamics,
     keep_indices,
     meta_importance_scores,
@@ -66,7 +69,9 @@ class PruningArguments:
     budgets: str = "epochs,steps"  # same epochs as the full pool; same optimizer steps as the full pool
     steps_fractions: str | None = None  # keep fractions run with the "steps" budget (default: all of them)
     score_epochs: float = 3.0  # epochs of the SAMA scoring run
-    score_last_epochs: int = 2  # SAMA score = mean weight over the last E epochs
+    score_last_epochs: int = 2  # SAMA score from the last E epochs of the scoring run
+    score_source: str = "snapshots"  # "snapshots": eval-mode weights at evenly spaced points; "draws": weights drawn
+    score_snapshots: int = 2  # points in the last E epochs (the last one at the end of the run)
     el2n_epochs: float = 1.0  # plain fine-tuning epochs of the EL2N / loss scoring run
     el2n_checkpoints: int = 2  # evenly spaced checkpoints in it (EL2N = their mean)
     stratify: bool = True  # keep the same fraction of every class
@@ -102,6 +107,13 @@ class Experiment:
     """The data, model and arguments every run of the sweep shares."""
 
     def __init__(self, pa: PruningArguments, args: SAMAConfig):
+        if pa.score_source not in ("snapshots", "draws"):
+            raise ValueError(f"--score_source must be 'snapshots' or 'draws', got {pa.score_source!r}")
+        if pa.score_snapshots < 1 or not 0 < pa.score_last_epochs <= pa.score_epochs:
+            raise ValueError(
+                "--score_snapshots must be >= 1 and --score_last_epochs in (0, --score_epochs]; got "
+                f"{pa.score_snapshots}, {pa.score_last_epochs}, {pa.score_epochs}"
+            )
         self.pa, self.args, self.root = pa, args, Path(pa.output_root)
         self.pool, self.test, self.label_names = load_pool_and_test(pa)
         if pa.model_name_or_path is None:
@@ -149,11 +161,23 @@ class Experiment:
             self.model(seed), args, self.pool_tok, meta_dataset=self.pool_tok, data_collator=self.collator
         )
         resumed = any(out.glob("checkpoint-*"))
+        per_epoch = len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps
+        total = math.ceil(pa.score_epochs * per_epoch)
+        start, span = total - pa.score_last_epochs * per_epoch, pa.score_last_epochs * per_epoch
+        at = [start + round(span * (i + 1) / pa.score_snapshots) for i in range(pa.score_snapshots)]
+        snapshots = MetaWeightSnapshots(self.pool_tok, at_steps=at).attach(trainer)
         timing = _timed(lambda: trainer.train(resume_from_checkpoint=resumed or None))
-        scores = meta_importance_scores(trainer, pa.score_last_epochs)
+        draws = meta_importance_scores(trainer, pa.score_last_epochs)
         final = trainer.compute_example_weights(self.pool_tok)  # the trained model and meta net, eval mode
-        extra = {"final_loss": final["loss"], "final_weight": final["weight"]}
-        timing = {**timing, "resumed": resumed, "meta_steps": trainer.meta_step_count}
+        extra = {"draw_weight": draws.tolist(), "final_loss": final["loss"], "final_weight": final["weight"]}
+        if len(snapshots.steps) == pa.score_snapshots:  # a run resumed past a snapshot point cannot use them
+            extra["snapshot_weight"] = snapshots.scores().tolist()
+        elif pa.score_source == "snapshots":
+            raise RuntimeError(
+                f"the scoring run in {out} resumed after snapshot steps {at}; delete {out} to score it again"
+            )
+        scores = draws if pa.score_source == "draws" else snapshots.scores()
+        timing = {**timing, "resumed": resumed, "meta_steps": trainer.meta_step_count, "snapshot_steps": at}
         self._write_scores("sama", seed, scores, timing, extra)
         save_meta_model(trainer.meta_model, str(out / "sama_meta_model"))
         for checkpoint in out.glob("checkpoint-*"):

@@ -7,7 +7,10 @@ Every score here ranks examples so that **high = keep, low = prune** (:func:`kee
   softmax, ``meta_use_uncertainty=True``), and whose meta loss is computed on batches of the *same training set*
   (``meta_dataset=train_dataset``, no clean set). An example's score is the mean of the weights it received over the
   last ``E`` epochs (:func:`meta_importance_scores`): a low weight means the meta net judged the example harmful or
-  useless for the loss on the rest of the data, so it is pruned first.
+  useless for the loss on the rest of the data, so it is pruned first. Or, as the authors' pruning code does
+  (Betty, ``examples/imagenet_pruning/filter.py``), the mean over a few checkpoints of the weight the meta net gives
+  every example in eval mode (:class:`MetaWeightSnapshots`): every example is then scored by the same model at the
+  same points, not at whatever point of the epoch it was drawn.
 * ``"el2n"`` — EL2N (Paul et al., 2021): ‖softmax(f(x)) − onehot(y)‖₂, averaged over a few checkpoints early in
   plain training (:class:`TrainingDynamics`). Hard examples score high and are kept; easy ones are pruned.
 * ``"loss"`` — the mean cross-entropy over the same checkpoints (kept high, as EL2N).
@@ -42,6 +45,7 @@ from transformers import Trainer, TrainerCallback
 
 __all__ = [
     "PRUNING_SCORES",
+    "MetaWeightSnapshots",
     "TrainingDynamics",
     "el2n",
     "keep_indices",
@@ -154,7 +158,46 @@ def keep_indices(
     return np.sort(np.concatenate(kept))
 
 
-class TrainingDynamics(TrainerCallback):
+class _Snapshots(TrainerCallback):
+    """Records one array per example at chosen global optimizer steps (or at the end of every epoch)."""
+
+    def __init__(self, at_steps: Sequence[int] | None = None):
+        self.at_steps = None if at_steps is None else sorted(set(int(s) for s in at_steps))
+        self.trainer: Trainer | None = None
+        self.steps: list[int] = []
+
+    def attach(self, trainer: Trainer):
+        """Record during ``trainer``'s training; returns ``self``."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    def record(self, step: int) -> None:
+        """Record now (after global optimizer step ``step``)."""
+        if self.trainer is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a trainer: call attach(trainer) first")
+        self._record()
+        self.steps.append(step)
+
+    def _record(self) -> None:
+        raise NotImplementedError
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.at_steps is not None and state.global_step in self.at_steps and state.global_step not in self.steps:
+            self.record(state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.at_steps is None:
+            self.record(state.global_step)
+
+    @staticmethod
+    def _mean(values: list[np.ndarray]) -> np.ndarray:
+        if not values:
+            raise ValueError("nothing recorded yet: train with the callback attached (see at_steps)")
+        return np.stack(values).mean(0)
+
+
+class TrainingDynamics(_Snapshots):
     """Predictions of a trainer's model on a dataset at chosen points of training, for EL2N and loss scores.
 
     At the end of every epoch (or after each optimizer step in ``at_steps``) it runs ``trainer.predict(dataset)``
@@ -168,53 +211,72 @@ class TrainingDynamics(TrainerCallback):
     """
 
     def __init__(self, dataset: Any, at_steps: Sequence[int] | None = None):
+        super().__init__(at_steps)
         self.dataset = dataset
-        self.at_steps = None if at_steps is None else sorted(set(int(s) for s in at_steps))
-        self.trainer: Trainer | None = None
-        self.steps: list[int] = []
         self.el2n_records: list[np.ndarray] = []
         self.loss_records: list[np.ndarray] = []
 
     def attach(self, trainer: Trainer) -> TrainingDynamics:
-        """Record during ``trainer``'s training; returns ``self``."""
-        self.trainer = trainer
-        trainer.add_callback(self)
-        return self
+        return super().attach(trainer)
 
-    def record(self, step: int) -> None:
-        """Predict on the dataset now and keep the per-example values."""
-        if self.trainer is None:
-            raise RuntimeError("TrainingDynamics is not attached to a trainer: call attach(trainer) first")
+    def _record(self) -> None:
         out = self.trainer.predict(self.dataset, metric_key_prefix="dynamics")
         logits = torch.as_tensor(np.asarray(out.predictions, dtype=np.float32))
         labels = np.asarray(out.label_ids, dtype=np.int64)
         if logits.shape[0] != len(self.dataset) or labels.shape != (logits.shape[0],):
             raise ValueError("TrainingDynamics needs class logits [N, C] and class-id labels [N] from predict()")
         log_probs = torch.log_softmax(logits.double(), dim=-1)
-        self.steps.append(step)
         self.el2n_records.append(el2n(log_probs.exp().numpy(), labels))
         self.loss_records.append(-log_probs[torch.arange(len(labels)), torch.as_tensor(labels)].numpy())
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.at_steps is not None and state.global_step in self.at_steps and state.global_step not in self.steps:
-            self.record(state.global_step)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.at_steps is None:
-            self.record(state.global_step)
-
-    def _stacked(self, values: list[np.ndarray]) -> np.ndarray:
-        if not values:
-            raise ValueError("nothing recorded yet: train with the callback attached (see at_steps)")
-        return np.stack(values)
-
     def el2n_scores(self) -> np.ndarray:
         """Mean EL2N of every example over the recorded points (high = hard = keep)."""
-        return self._stacked(self.el2n_records).mean(0)
+        return self._mean(self.el2n_records)
 
     def loss_scores(self) -> np.ndarray:
         """Mean cross-entropy of every example over the recorded points (high = keep)."""
-        return self._stacked(self.loss_records).mean(0)
+        return self._mean(self.loss_records)
+
+
+class MetaWeightSnapshots(_Snapshots):
+    """The meta net's weight for every example of a dataset at chosen points of a SAMA run (eval mode, no dropout),
+    for the authors' pruning score: the mean weight over a few checkpoints (their ``filter.py``).
+
+    At the end of every epoch (or after each optimizer step in ``at_steps``) it calls
+    :meth:`~sama_trainer.SAMATrainer.compute_example_weights` on ``dataset`` (every rank scores the whole dataset);
+    :meth:`scores` is the mean over the records (high = keep). The records are not part of checkpoints.
+
+    Args:
+        dataset: the examples to score (tokenised, with a label column), usually the training set.
+        at_steps: global optimizer steps after which to record; None records at the end of every epoch.
+        batch_size: evaluation batch size (default: the trainer's ``per_device_eval_batch_size``).
+    """
+
+    def __init__(self, dataset: Any, at_steps: Sequence[int] | None = None, batch_size: int | None = None):
+        super().__init__(at_steps)
+        self.dataset, self.batch_size = dataset, batch_size
+        self.weight_records: list[np.ndarray] = []
+        self.loss_records: list[np.ndarray] = []
+
+    def attach(self, trainer: Trainer) -> MetaWeightSnapshots:
+        if not hasattr(trainer, "compute_example_weights"):
+            raise TypeError("MetaWeightSnapshots needs a SAMATrainer (it reads the meta net's weights)")
+        return super().attach(trainer)
+
+    def _record(self) -> None:
+        out = self.trainer.compute_example_weights(self.dataset, self.batch_size)
+        if "weight" not in out:
+            raise ValueError("MetaWeightSnapshots needs a meta objective that reweights (meta_objective='reweight')")
+        self.weight_records.append(np.asarray(out["weight"], dtype=np.float64))
+        self.loss_records.append(np.asarray(out["loss"], dtype=np.float64))
+
+    def scores(self) -> np.ndarray:
+        """Mean weight of every example over the recorded points (high = keep)."""
+        return self._mean(self.weight_records)
+
+    def loss_scores(self) -> np.ndarray:
+        """Mean loss of every example over the same points (the SAMA-trained model's own loss score)."""
+        return self._mean(self.loss_records)
 
 
 def write_scores(

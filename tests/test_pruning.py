@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 from sama_trainer import ClassificationObjective, SAMATrainer
 from sama_trainer.data import make_synthetic_weak_supervision, write_wrench_format
 from sama_trainer.pruning import (
+    MetaWeightSnapshots,
     TrainingDynamics,
     el2n,
     keep_indices,
@@ -204,6 +205,46 @@ def test_training_dynamics_against_a_manual_forward(tmp_path):
     np.testing.assert_allclose(dynamics.loss_scores(), np.mean(manual.loss, axis=0), rtol=1e-5)
 
 
+class ManualMetaWeights(TrainerCallback):
+    """The meta net's weight of every example by hand at the given steps: eval-mode logits, cross-entropy and
+    entropy, then sigmoid(MLP([loss, entropy])) (the oracle for MetaWeightSnapshots)."""
+
+    def __init__(self, dataset, at_steps, meta_model):
+        self.dataset, self.at_steps, self.meta_model, self.weights = dataset, at_steps, meta_model, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.at_steps:
+            model.eval()
+            with torch.no_grad():
+                ids = torch.tensor(self.dataset["input_ids"])
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+                labels = torch.tensor(self.dataset["labels"])
+                loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                p = logits.softmax(-1)
+                entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+                z = self.meta_model.net(torch.stack([loss, entropy], dim=-1)).squeeze(-1)
+            model.train()
+            self.weights.append(torch.sigmoid(z).double().numpy())
+
+
+def test_meta_weight_snapshots_against_a_manual_forward(tmp_path):
+    train = with_example_ids(token_dataset(24, noise=0.3, seed=1).remove_columns(["clean_labels"]))
+    args = sama_args(tmp_path, max_steps=6, per_device_eval_batch_size=5, meta_use_uncertainty=True)
+    trainer = SAMATrainer(tiny_bert(dropout=0.1), args, train, meta_dataset=train)
+    manual = ManualMetaWeights(train, [3, 6], trainer.meta_model)
+    trainer.add_callback(manual)
+    snapshots = MetaWeightSnapshots(train, at_steps=[3, 6]).attach(trainer)
+    trainer.train()
+    assert snapshots.steps == [3, 6] and trainer.meta_step_count == 3
+    assert not np.allclose(manual.weights[0], manual.weights[1])  # θ and λ changed between the snapshots
+    np.testing.assert_allclose(snapshots.scores(), np.mean(manual.weights, axis=0), rtol=1e-5)
+    assert snapshots.loss_scores().shape == (24,)
+    with pytest.raises(TypeError, match="SAMATrainer"):
+        MetaWeightSnapshots(train).attach(Trainer(tiny_bert(), args, train_dataset=train))
+    with pytest.raises(ValueError, match="nothing recorded"):
+        MetaWeightSnapshots(train).scores()
+
+
 def test_score_file_round_trip(tmp_path):
     scores = np.array([0.2, 0.7, 0.1])
     write_scores(tmp_path / "s.jsonl", scores, {"text": ["a", "b", "c"], "label": np.array([0, 1, 0])})
@@ -258,7 +299,10 @@ def test_recipe_end_to_end(tmp_path):
         timing = json.loads((out / f"scores/{method}/seed1/scoring.json").read_text())
         assert timing["train_wall_s"] > 0 and timing["train_cpu_s"] > 0
     assert not list(out.glob("scores/sama/seed*/checkpoint-*"))  # scoring checkpoints are removed once scored
-    assert {"final_loss", "final_weight", "label"} <= set(rows[0]) and (
+    assert [r["score"] for r in rows] == [r["snapshot_weight"] for r in rows]  # the default score source
+    timing = json.loads((out / "scores/sama/seed0/scoring.json").read_text())
+    assert timing["snapshot_steps"] == [9, 12]  # half-way through and at the end of the last of 2 epochs of 6 steps
+    assert {"draw_weight", "final_loss", "final_weight", "label"} <= set(rows[0]) and (
         out / "scores/sama/seed0/sama_meta_model"
     ).is_dir()
 
@@ -278,3 +322,17 @@ def test_recipe_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert before == {p: p.stat().st_mtime_ns for p in out.glob("runs/**/results.json")}
     assert "train_runtime" not in proc.stdout + proc.stderr  # no training run was started
+
+
+def test_recipe_names_the_fix_for_a_bad_score_source(tmp_path):
+    data = make_synthetic_weak_supervision(num_train=16, num_valid=4, num_test=8, num_classes=2, seed=0)
+    write_wrench_format(data, tmp_path / "data")
+    cmd = [
+        sys.executable, str(ROOT / "recipes" / "data_pruning.py"), "--dataset_dir", str(tmp_path / "data"),
+        "--model_name_or_path", "tiny-bert", "--score_source", "final", "--output_root", str(tmp_path / "out"),
+        "--report_to", "none", "--use_cpu", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode != 0 and "--score_source must be 'snapshots' or 'draws'" in proc.stderr
+    assert not (tmp_path / "out" / "runs").exists()
