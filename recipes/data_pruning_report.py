@@ -135,13 +135,55 @@ def agreement_table(root: Path, fractions: list[float], stratify: bool) -> str:
             shares.append(f"{np.mean(overlap):.3f}")
         lines.append(f"| {method} | {len(seeds)} | {corr:+.3f} | " + " | ".join(shares) + " |")
     text = "\n".join(lines) + "\n\nTwo independent random selections share the kept fraction itself on average."
-    for column, what in (("final_loss", "loss"), ("final_weight", "eval-mode weight")):
+    columns = (
+        ("draw_weight", "mean weight when drawn"),
+        ("final_loss", "loss at the end of its scoring run"),
+        ("final_weight", "eval-mode weight at the end of its scoring run"),
+    )
+    for column, what in columns:
         seeds = [s for s in sama if column in sama[s]]
         if seeds:
             corr = np.mean([_rank_correlation(sama[s]["score"], sama[s][column]) for s in seeds])
-            text += f" SAMA score vs each example's {what} at the end of its scoring run: Spearman {corr:+.3f}"
+            text += f" SAMA score vs each example's {what}: Spearman {corr:+.3f}"
             text += f" (mean over {len(seeds)} seed(s))."
     return text
+
+
+def _within_class_correlation(a: np.ndarray, b: np.ndarray, labels: np.ndarray | None) -> float:
+    if labels is None:
+        return _rank_correlation(a, b)
+    parts = [(labels == c) for c in np.unique(labels)]
+    return float(np.mean([_rank_correlation(a[m], b[m]) for m in parts if m.sum() > 2]))
+
+
+def reproducibility_table(root: Path, fractions: list[float], stratify: bool) -> str:
+    """How much of each score's ranking another seed reproduces: the Spearman correlation of two seeds' scores
+    (within each class when the kept sets are stratified) and the share of one seed's kept examples the other
+    seed keeps too, mean over every pair of seeds."""
+    fractions = sorted((f for f in fractions if f < 1.0), reverse=True)
+    head = "| scores | seed pairs | Spearman between seeds | " + " | ".join(
+        f"kept by both at {f:g}" for f in fractions
+    )
+    lines = [head + " |", "|---" * (3 + len(fractions)) + "|"]
+    for method, by_seed in sorted(_score_files(root).items()):
+        seeds = sorted(by_seed)
+        pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
+        if not pairs:
+            continue
+        corr, shares = [], {f: [] for f in fractions}
+        for a, b in pairs:
+            labels = by_seed[a]["label"] if stratify else None
+            corr.append(_within_class_correlation(by_seed[a]["score"], by_seed[b]["score"], labels))
+            for f in fractions:
+                kept = set(keep_indices(by_seed[a]["score"], f, labels=labels).tolist())
+                theirs = keep_indices(by_seed[b]["score"], f, labels=labels).tolist()
+                shares[f].append(len(kept & set(theirs)) / len(kept))
+        cells = " | ".join(f"{np.mean(shares[f]):.3f}" for f in fractions)
+        lines.append(f"| {method} | {len(pairs)} | {np.mean(corr):+.3f} | {cells} |")
+    if len(lines) == 2:
+        return "one seed per score so far"
+    note = "Random scores share the kept fraction itself; a score that ranks by a property of the example shares more."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def plot(rows: list[dict[str, Any]], path: Path, dataset: str) -> None:
@@ -180,6 +222,7 @@ def write_report(root: Path, dataset: str, fractions: list[float] | None = None,
     parts += ["### scoring cost", cost_table(root)]
     fractions = fractions or sorted({r["keep_fraction"] for r in rows})
     parts += ["### agreement of the scores", agreement_table(root, fractions, stratify)]
+    parts += ["### the same score from another seed", reproducibility_table(root, fractions, stratify)]
     text = "\n\n".join(parts) + "\n"
     (root / "table.md").write_text(text)
     (root / "cost.md").write_text(cost_table(root) + "\n")

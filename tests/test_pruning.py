@@ -310,6 +310,7 @@ def test_recipe_end_to_end(tmp_path):
     assert "| sama | " in table and "| sama − random |" in table and "same optimizer steps" in table
     assert "| sama | 2 |" in (out / "cost.md").read_text()
     assert "| el2n | 2 | " in table.split("agreement of the scores")[1]
+    assert "| sama | 1 | " in table.split("from another seed")[1]
     assert (out / "accuracy_vs_keep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "runs/epochs/sama/keep0.5/seed0/model/README.md").read_text()
     accuracy = by[("sama", "epochs", 0)]["test_accuracy"]
@@ -336,3 +337,18 @@ def test_recipe_names_the_fix_for_a_bad_score_source(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode != 0 and "--score_source must be 'snapshots' or 'draws'" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_reproducibility_table_by_hand(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from data_pruning_report import reproducibility_table
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.4, 0.3, 0.2, 0.9, 0.5, 0.7, 0.6])
+    write_scores(tmp_path / "scores/same/seed0/scores.jsonl", scores, {"label": labels})
+    write_scores(tmp_path / "scores/same/seed1/scores.jsonl", scores * 2, {"label": labels})
+    write_scores(tmp_path / "scores/flipped/seed0/scores.jsonl", scores, {"label": labels})
+    write_scores(tmp_path / "scores/flipped/seed1/scores.jsonl", -scores, {"label": labels})
+    table = reproducibility_table(tmp_path, [1.0, 0.5], stratify=True)
+    assert "| same | 1 | +1.000 | 1.000 |" in table  # a monotone rescaling ranks alike
+    assert "| flipped | 1 | -1.000 | 0.000 |" in table  # the reversed ranking keeps the other half of each class
