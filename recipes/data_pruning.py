@@ -68,8 +68,8 @@ class PruningArguments:
     seeds: str = "0,1,2"
     budgets: str = "epochs,steps"  # same epochs as the full pool; same optimizer steps as the full pool
     steps_fractions: str | None = None  # keep fractions run with the "steps" budget (default: all of them)
-    score_epochs: float = 3.0  # epochs of the SAMA scoring run
-    score_last_epochs: int = 2  # SAMA score from the last E epochs of the scoring run
+    score_epochs: float = 1.0  # epochs of the SAMA scoring run
+    score_last_epochs: int = 1  # SAMA score from the last E epochs of the scoring run
     score_source: str = "snapshots"  # "snapshots": eval-mode weights at evenly spaced points; "draws": weights drawn
     score_snapshots: int = 2  # points in the last E epochs (the last one at the end of the run)
     el2n_epochs: float = 1.0  # plain fine-tuning epochs of the EL2N / loss scoring run

@@ -24,10 +24,15 @@ cross-entropy between the prediction and the prediction of an EMA copy of the cl
 Typical use (the training set needs an ``example_id`` column: :func:`with_example_ids`)::
 
     train = with_example_ids(train)
-    args = SAMAConfig(output_dir="scores", num_train_epochs=3, meta_use_uncertainty=True)
+    args = SAMAConfig(output_dir="scores", num_train_epochs=1, meta_use_uncertainty=True)
     trainer = SAMATrainer(model, args, train_dataset=train, meta_dataset=train)
+    steps = len(trainer.get_train_dataloader())
+    snapshots = MetaWeightSnapshots(train, at_steps=[steps // 2, steps]).attach(trainer)
     trainer.train()
-    kept = train.select(keep_indices(meta_importance_scores(trainer, last_epochs=2), fraction=0.7))
+    kept = train.select(keep_indices(snapshots.scores(), fraction=0.7, labels=train["label"]))
+
+Score from a run short enough not to fit the pool: once most losses are near zero, the weights rank little but noise
+(RESULTS.md, "Data pruning").
 """
 
 from __future__ import annotations
