@@ -93,3 +93,56 @@ class MetaBatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._indices = None
+
+
+def length_chunks(batch: dict[str, Any], size: int) -> list[tuple[dict[str, Any], int]]:
+    """``batch`` cut into micro-batches of up to ``size`` examples of similar length, each trimmed to its longest
+    example: ``[(micro_batch, num_examples), ...]``.
+
+    The examples are sorted by ``attention_mask.sum(-1)``; the tokenizer's ``[B, T]`` columns and integer ``[B, T]``
+    tensors (token labels) are cut to the micro-batch's longest example, other ``[B, ...]`` tensors are indexed.
+    A batch without ``input_ids`` and ``attention_mask``, with padding that is not on the right, or with values that
+    are not tensors is returned whole, as is a batch of at most ``size`` examples.
+    """
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids")
+    if not isinstance(mask, torch.Tensor) or not isinstance(ids, torch.Tensor) or mask.dim() != 2:
+        return [(batch, _batch_len(batch))]
+    n, width = mask.shape
+    if n <= size or not all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n for v in batch.values()):
+        return [(batch, n)]
+    lengths = mask.ne(0).sum(-1)
+    right_padded = torch.equal(mask.ne(0), torch.arange(width, device=mask.device)[None, :] < lengths[:, None])
+    if not right_padded:
+        return [(batch, n)]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    chunks = []
+    for start in range(0, n, size):
+        index = order[start : start + size]
+        keep = int(lengths[index].max())
+        chunk = {}
+        for key, value in batch.items():
+            value = value.index_select(0, index.to(value.device))
+            if _per_token(key, value, width):
+                value = value[:, :keep]
+            chunk[key] = value
+        chunks.append((chunk, len(index)))
+    return chunks
+
+
+_TOKEN_KEYS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask"}
+
+
+def _per_token(key: str, value: torch.Tensor, width: int) -> bool:
+    """A ``[B, T, ...]`` value with one entry per token: the tokenizer's columns, and integer tensors of that shape
+    (token labels); a float ``[B, C]`` (e.g. soft labels) is per example even when ``C == T``."""
+    if value.dim() < 2 or value.shape[1] != width:
+        return False
+    return key in _TOKEN_KEYS or not (value.is_floating_point() or value.is_complex())
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return 1

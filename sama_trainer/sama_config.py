@@ -79,6 +79,11 @@ class SAMAConfig(TrainingArguments):
         meta_group_by_length (`bool`, *optional*):
             Draw meta batches of similar length (less padding). Default: as the base batches
             (`train_sampling_strategy="group_by_length"`).
+        meta_micro_batch_size (`int`, *optional*):
+            Compute the meta loss's gradient over micro-batches of this many examples of similar length, each
+            trimmed to its longest example: the same gradient (the loss is the mean over the meta batch) with less
+            padding, for a meta batch whose lengths differ widely (e.g. a small clean set drawn whole). Needs a
+            meta loss that is a mean over examples, as the default objective's.
         example_id_column (`str`, defaults to `"example_id"`):
             A training-set column with each example's index in `[0, len(train_dataset))`. When present, the trainer
             keeps it away from the model and records the weight every example receives in each epoch
@@ -143,6 +148,10 @@ class SAMAConfig(TrainingArguments):
     meta_group_by_length: bool | None = field(
         default=None, metadata={"help": "Meta batches of similar length (default: as the base batches)."}
     )
+    meta_micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Meta loss over length-sorted micro-batches of this size (less padding; same gradient)."},
+    )
     example_id_column: str = field(
         default="example_id", metadata={"help": "Training-set column with example indices (weight statistics)."}
     )
@@ -172,6 +181,8 @@ class SAMAConfig(TrainingArguments):
             raise ValueError(f"meta_weight_scale must be > 0 (got {self.meta_weight_scale})")
         if self.meta_batch_size is not None and self.meta_batch_size < 1:
             raise ValueError(f"meta_batch_size must be >= 1 (got {self.meta_batch_size})")
+        if self.meta_micro_batch_size is not None and self.meta_micro_batch_size < 1:
+            raise ValueError(f"meta_micro_batch_size must be >= 1 (got {self.meta_micro_batch_size})")
         if self.meta_warmup_steps < 0:
             raise ValueError("meta_warmup_steps must be >= 0")
         if self.correction_type not in CORRECTION_TYPES:

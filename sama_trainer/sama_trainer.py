@@ -26,7 +26,7 @@ from .adaptation import check_adaptation_supported, unwrap_optimizer
 from .checkpoint import META_STATE_NAME, atomic_save, rank_state_name, resolve_resume_checkpoint
 from .distributed import RankAgreement, all_reduce_mean_, apply_ddp_timeout
 from .losses import soft_cross_entropy
-from .meta_data import MetaBatchStream
+from .meta_data import MetaBatchStream, length_chunks
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
 from .meta_nets import save_meta_model
 from .model_card import sama_card_section, save_trainer_card
@@ -380,6 +380,9 @@ class SAMATrainer(Trainer):
         with self._agreeing_on_error(agree, meta_params):  # the method agrees on everything after this
             self._call_meta_event("on_meta_step_begin")
             meta_inputs = self._prepare_inputs(self._meta_batches().next_batch())
+            chunks = [(meta_inputs, 1)]
+            if args.meta_micro_batch_size:
+                chunks = length_chunks(meta_inputs, args.meta_micro_batch_size)
 
         # first-order methods only need base-model values: no graph through the base model in perturbed passes
         base_grad = torch.enable_grad if is_second_order(args.meta_gradient) else torch.no_grad
@@ -393,7 +396,10 @@ class SAMATrainer(Trainer):
             return total / len(base_batches)
 
         def meta_loss() -> torch.Tensor:
-            return objective.meta_loss(model, dict(meta_inputs))
+            if len(chunks) == 1:
+                return objective.meta_loss(model, dict(meta_inputs))
+            total = sum(n for _, n in chunks)  # the mean over the meta batch, as the sum of micro-batch means
+            return sum(objective.meta_loss(model, dict(chunk)) * (n / total) for chunk, n in chunks)
 
         # The step's gradients are consumed: the method forms u in their buffers (no θ-sized v) or, where it cannot,
         # keeps the saved θ there (the core checks that they fit).
