@@ -217,7 +217,7 @@ def write_report(root: Path, dataset: str, fractions: list[float] | None = None,
         return f"no results under {root}"
     parts = [f"## {dataset}: test accuracy (%), mean ± std over seeds"]
     for budget in BUDGETS:
-        if any(r["budget"] in (budget, "both") for r in rows):
+        if any(r["budget"] == budget for r in rows) or budget == "epochs":
             parts += [f"### {BUDGETS[budget]}", markdown_table(rows, budget)]
     parts += ["### scoring cost", cost_table(root)]
     fractions = fractions or sorted({r["keep_fraction"] for r in rows})
