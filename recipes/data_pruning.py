@@ -11,6 +11,8 @@ scoring run resumes from its last epoch checkpoint). Low score = pruned (``sama_
 
     python recipes/data_pruning.py --config recipes/configs/pruning_agnews.yaml
 
+A method named ``<score>_easy`` (e.g. ``sama_easy``) keeps the lowest-scored examples of ``<score>`` instead.
+
 Writes under ``--output_root``: ``scores/<method>/seed<k>/scores.jsonl`` (highest score first, with the text),
 ``runs/<budget>/<method>/keep<f>/seed<k>/results.json``, and (``data_pruning_report.py``) ``table.md``,
 ``accuracy_vs_keep.png``, ``cost.md`` and a model card for the ``--card_method`` model at ``--card_fraction``.
@@ -107,6 +109,10 @@ class Experiment:
     """The data, model and arguments every run of the sweep shares."""
 
     def __init__(self, pa: PruningArguments, args: SAMAConfig):
+        scores = ("sama", "el2n", "loss", "random")
+        unknown = [m for m in pa.methods.split(",") if m.removesuffix("_easy") not in scores]
+        if unknown:
+            raise ValueError(f"unknown --methods {unknown}: sama, el2n, loss or random, each optionally with _easy")
         if pa.score_source not in ("snapshots", "draws"):
             raise ValueError(f"--score_source must be 'snapshots' or 'draws', got {pa.score_source!r}")
         if pa.score_snapshots < 1 or not 0 < pa.score_last_epochs <= pa.score_epochs:
@@ -139,6 +145,8 @@ class Experiment:
     # scoring ------------------------------------------------------------------------------------------------------
 
     def scores(self, method: str, seed: int) -> np.ndarray:
+        if method.endswith("_easy"):  # the same score, the lowest kept: prune the hardest examples instead
+            return -self.scores(method.removesuffix("_easy"), seed)
         if method == "random":
             return random_scores(len(self.pool), seed)
         path = self.root / "scores" / method / f"seed{seed}" / "scores.jsonl"
@@ -221,6 +229,7 @@ class Experiment:
             "num_pool": len(self.pool),
             "num_test": len(self.test),
             "optimizer_steps": trainer.state.global_step,
+            "kept_example_ids": None if kept is None else [int(i) for i in kept],
             "test_accuracy": accuracy,
             **timing,
         }

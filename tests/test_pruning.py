@@ -264,7 +264,8 @@ def _run_recipe(data_dir: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, str(ROOT / "recipes" / "data_pruning.py"), "--dataset_dir", str(data_dir),
         "--dataset_name", "synthetic", "--model_name_or_path", "tiny-bert", "--max_seq_length", "16",
-        "--methods", "sama,el2n,random", "--fractions", "1.0,0.5", "--seeds", "0,1", "--budgets", "epochs,steps",
+        "--methods", "sama,el2n,random,sama_easy", "--fractions", "1.0,0.5", "--seeds", "0,1",
+        "--budgets", "epochs,steps",
         "--score_epochs", "2", "--score_last_epochs", "1", "--num_train_epochs", "1", "--el2n_checkpoints", "2",
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--unroll_steps", "2",
         "--meta_use_uncertainty", "true", "--card_fraction", "0.5", "--card_dataset", "synthetic/topics",
@@ -282,7 +283,7 @@ def test_recipe_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = [json.loads(p.read_text()) for p in sorted(out.glob("runs/**/results.json"))]
-    assert len(results) == 2 + 3 * 2 * 2  # full pool per seed; 3 methods x 2 budgets x 2 seeds at keep 0.5
+    assert len(results) == 2 + 4 * 2 * 2  # full pool per seed; 4 methods x 2 budgets x 2 seeds at keep 0.5
     by = {(r["method"], r["budget"], r["seed"]): r for r in results}
     for seed in (0, 1):
         full = by[("full", "both", seed)]
@@ -295,6 +296,11 @@ def test_recipe_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (out / "scores/sama/seed0/scores.jsonl").read_text().splitlines()]
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     assert {r["text"] for r in rows} == set(data["train"]["text"]) and len(rows) == 48
+    scores = read_scores(out / "scores/sama/seed0/scores.jsonl")  # keep_indices itself is tested by hand above
+    labels = np.array([r["label"] for r in sorted(rows, key=lambda r: r["example_id"])])
+    top, bottom = keep_indices(scores, 0.5, labels=labels), keep_indices(-scores, 0.5, labels=labels)
+    assert by[("sama", "epochs", 0)]["kept_example_ids"] == top.tolist()
+    assert by[("sama_easy", "epochs", 0)]["kept_example_ids"] == bottom.tolist()  # the other half of each class
     for method in ("sama", "el2n", "loss"):
         timing = json.loads((out / f"scores/{method}/seed1/scoring.json").read_text())
         assert timing["train_wall_s"] > 0 and timing["train_cpu_s"] > 0
@@ -337,6 +343,9 @@ def test_recipe_names_the_fix_for_a_bad_score_source(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode != 0 and "--score_source must be 'snapshots' or 'draws'" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()
+    cmd[cmd.index("--score_source") : cmd.index("--score_source") + 2] = ["--methods", "sama,hard"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode != 0 and "unknown --methods ['hard']" in proc.stderr
 
 
 def test_reproducibility_table_by_hand(tmp_path):
