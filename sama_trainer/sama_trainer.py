@@ -379,10 +379,10 @@ class SAMATrainer(Trainer):
         agree = self._agreement()
         with self._agreeing_on_error(agree, meta_params):  # the method agrees on everything after this
             self._call_meta_event("on_meta_step_begin")
-            meta_inputs = self._prepare_inputs(self._meta_batches().next_batch())
-            chunks = [(meta_inputs, 1)]
-            if args.meta_micro_batch_size:
-                chunks = length_chunks(meta_inputs, args.meta_micro_batch_size)
+            batch = self._meta_batches().next_batch()
+            # cut on the host, before the batch moves to the device: no device syncs for the lengths
+            parts = length_chunks(batch, args.meta_micro_batch_size) if args.meta_micro_batch_size else [(batch, 1)]
+            chunks = [(self._prepare_inputs(part), n) for part, n in parts]
 
         # first-order methods only need base-model values: no graph through the base model in perturbed passes
         base_grad = torch.enable_grad if is_second_order(args.meta_gradient) else torch.no_grad
@@ -397,7 +397,7 @@ class SAMATrainer(Trainer):
 
         def meta_loss() -> torch.Tensor:
             if len(chunks) == 1:
-                return objective.meta_loss(model, dict(meta_inputs))
+                return objective.meta_loss(model, dict(chunks[0][0]))
             total = sum(n for _, n in chunks)  # the mean over the meta batch, as the sum of micro-batch means
             return sum(objective.meta_loss(model, dict(chunk)) * (n / total) for chunk, n in chunks)
 
