@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -95,30 +95,70 @@ class MetaBatchStream:
         self._indices = None
 
 
-def length_chunks(batch: dict[str, Any], size: int) -> list[tuple[dict[str, Any], int]]:
-    """``batch`` cut into micro-batches of up to ``size`` examples of similar length, each trimmed to its longest
-    example: ``[(micro_batch, num_examples), ...]``.
+def split_points(lengths: Sequence[int], size: int | None = None, pass_overhead: float | None = None) -> list[int]:
+    """Where to cut examples sorted by decreasing length into micro-batches: the end index of each micro-batch.
 
-    The examples are sorted by ``attention_mask.sum(-1)``; the tokenizer's ``[B, T]`` columns and integer ``[B, T]``
-    tensors (token labels) are cut to the micro-batch's longest example, other ``[B, ...]`` tensors are indexed.
-    A batch without ``input_ids`` and ``attention_mask``, with padding that is not on the right, or with values that
-    are not tensors is returned whole, as is a batch of at most ``size`` examples.
+    Each micro-batch costs ``pass_overhead + n * longest`` token positions (its ``n`` examples padded to its longest,
+    plus a fixed cost per forward/backward pass in token positions); the cuts minimise the total cost, with at most
+    ``size`` examples per micro-batch. Without ``pass_overhead``, micro-batches of ``size`` examples; with neither,
+    one micro-batch.
+    """
+    n = len(lengths)
+    if any(a < b for a, b in zip(lengths, lengths[1:])):
+        raise ValueError("split_points needs lengths sorted in decreasing order")
+    cap = n if size is None else max(1, min(size, n))
+    if pass_overhead is None:
+        return list(range(cap, n, cap)) + [n] if n else []
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j examples
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - cap), j):  # the last micro-batch is examples i..j-1, its longest is lengths[i]
+            cost = best[i] + pass_overhead + (j - i) * lengths[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends, j = [], n
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
+def length_chunks(
+    batch: dict[str, Any], size: int | None = None, pass_overhead: float | None = None
+) -> list[tuple[dict[str, Any], int]]:
+    """``batch`` cut into micro-batches of examples of similar length, each trimmed to its longest example:
+    ``[(micro_batch, num_examples), ...]``.
+
+    The examples are sorted by ``attention_mask.sum(-1)`` and cut by :func:`split_points` (micro-batches of up to
+    ``size`` examples; with ``pass_overhead``, only where the padding saved outweighs the cost of another pass). The
+    tokenizer's ``[B, T]`` columns and integer ``[B, T]`` tensors (token labels) are cut to the micro-batch's longest
+    example, other ``[B, ...]`` tensors are indexed. A batch without ``input_ids`` and ``attention_mask``, with
+    padding that is not on the right, or with values that are not tensors is returned whole, as is a batch that
+    stays one micro-batch.
     """
     mask = batch.get("attention_mask")
     ids = batch.get("input_ids")
     if not isinstance(mask, torch.Tensor) or not isinstance(ids, torch.Tensor) or mask.dim() != 2:
         return [(batch, _batch_len(batch))]
     n, width = mask.shape
-    if n <= size or not all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n for v in batch.values()):
+    if (size is None or n <= size) and pass_overhead is None:
+        return [(batch, n)]
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n for v in batch.values()):
         return [(batch, n)]
     lengths = mask.ne(0).sum(-1)
     right_padded = torch.equal(mask.ne(0), torch.arange(width, device=mask.device)[None, :] < lengths[:, None])
     if not right_padded:
         return [(batch, n)]
     order = torch.argsort(lengths, descending=True, stable=True)
-    chunks = []
-    for start in range(0, n, size):
-        index = order[start : start + size]
+    ends = split_points(lengths[order].tolist(), size, pass_overhead)
+    if len(ends) == 1:  # one micro-batch: the examples in their order, trimmed to the longest
+        if int(lengths.max()) == width:
+            return [(batch, n)]
+        order = torch.arange(n, device=lengths.device)
+    chunks, start = [], 0
+    for end in ends:
+        index = order[start:end]
+        start = end
         keep = int(lengths[index].max())
         chunk = {}
         for key, value in batch.items():

@@ -84,6 +84,12 @@ class SAMAConfig(TrainingArguments):
             trimmed to its longest example: the same gradient (the loss is the mean over the meta batch) with less
             padding, for a meta batch whose lengths differ widely (e.g. a small clean set drawn whole). Needs a
             meta loss that is a mean over examples, as the default objective's.
+        meta_pass_overhead_tokens (`float`, *optional*):
+            Cut the meta batch into length-sorted micro-batches only where the padding it saves outweighs the cost of
+            another forward/backward pass, this cost given in token positions (each micro-batch costs this plus its
+            examples times its longest). It depends on the model and the hardware: about 64 for a 6-layer MiniLM on
+            one CPU thread (BENCHMARKS.md); on a GPU, where a small pass costs as much as a large one, leave it unset.
+            Combines with `meta_micro_batch_size` (then an upper bound on the micro-batch size).
         example_id_column (`str`, defaults to `"example_id"`):
             A training-set column with each example's index in `[0, len(train_dataset))`. When present, the trainer
             keeps it away from the model and records the weight every example receives in each epoch
@@ -152,6 +158,12 @@ class SAMAConfig(TrainingArguments):
         default=None,
         metadata={"help": "Meta loss over length-sorted micro-batches of this size (less padding; same gradient)."},
     )
+    meta_pass_overhead_tokens: float | None = field(
+        default=None,
+        metadata={
+            "help": "Cut the meta batch by length where the padding saved exceeds this many positions per pass."
+        },
+    )
     example_id_column: str = field(
         default="example_id", metadata={"help": "Training-set column with example indices (weight statistics)."}
     )
@@ -183,6 +195,11 @@ class SAMAConfig(TrainingArguments):
             raise ValueError(f"meta_batch_size must be >= 1 (got {self.meta_batch_size})")
         if self.meta_micro_batch_size is not None and self.meta_micro_batch_size < 1:
             raise ValueError(f"meta_micro_batch_size must be >= 1 (got {self.meta_micro_batch_size})")
+        if self.meta_pass_overhead_tokens is not None and not self.meta_pass_overhead_tokens >= 0:
+            raise ValueError(
+                f"meta_pass_overhead_tokens must be >= 0 (got {self.meta_pass_overhead_tokens}); leave it unset to "
+                "keep the meta batch whole"
+            )
         if self.meta_warmup_steps < 0:
             raise ValueError("meta_warmup_steps must be >= 0")
         if self.correction_type not in CORRECTION_TYPES:

@@ -40,6 +40,15 @@ __all__ = ["META_MODEL_DIR", "SAMATrainer"]
 META_MODEL_DIR = "sama_meta_model"
 
 
+def _example_lengths(dataset: Any) -> list[int] | None:
+    """The number of tokens of every example (its ``input_ids``), or None when the dataset has no such column."""
+    try:
+        column = dataset["input_ids"] if hasattr(dataset, "column_names") else [e["input_ids"] for e in dataset]
+        return [len(ids) for ids in column]
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
 class _MetaStepCallback(TrainerCallback):
     """Runs the trainer's meta step right after the base optimizer step (before the scheduler and zero_grad)."""
 
@@ -381,7 +390,8 @@ class SAMATrainer(Trainer):
             self._call_meta_event("on_meta_step_begin")
             batch = self._meta_batches().next_batch()
             # cut on the host, before the batch moves to the device: no device syncs for the lengths
-            parts = length_chunks(batch, args.meta_micro_batch_size) if args.meta_micro_batch_size else [(batch, 1)]
+            size, overhead = args.meta_micro_batch_size, args.meta_pass_overhead_tokens
+            parts = length_chunks(batch, size, overhead) if size or overhead is not None else [(batch, 1)]
             chunks = [(self._prepare_inputs(part), n) for part, n in parts]
 
         # first-order methods only need base-model values: no graph through the base model in perturbed passes
@@ -460,31 +470,28 @@ class SAMATrainer(Trainer):
     # analysis helpers
 
     @torch.no_grad()
-    def compute_example_weights(self, dataset: Any, batch_size: int | None = None) -> dict[str, list]:
+    def compute_example_weights(
+        self, dataset: Any, batch_size: int | None = None, group_by_length: bool = True
+    ) -> dict[str, list]:
         """Per-example base loss, meta weight and corrected label (argmax/probabilities) on ``dataset`` (eval mode).
 
-        Needs a :class:`~sama_trainer.objectives.ClassificationObjective` (the default).
+        Needs a :class:`~sama_trainer.objectives.ClassificationObjective` (the default). With ``group_by_length``
+        and an ``input_ids`` column, the model's forward passes run over examples of similar length (less padding);
+        the meta network still sees batches of ``batch_size`` examples in the dataset's order, so weights normalised
+        within a batch are those of the plain order.
         """
-        from torch.utils.data import DataLoader
-
         objective = self.objective
         if not isinstance(objective, ClassificationObjective):
             raise TypeError("compute_example_weights needs a ClassificationObjective")
         if self.args.remove_unused_columns and hasattr(dataset, "remove_columns"):
             dataset = self._remove_unused_columns(dataset, description="weights")
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size or self.args.per_device_eval_batch_size,
-            collate_fn=self.data_collator,
-            shuffle=False,
-        )
+        batch_size = batch_size or self.args.per_device_eval_batch_size
         model, out = self.model, defaultdict(list)
         was_training, meta_was_training = model.training, self.meta_model.training
         model.eval()
         self.meta_model.eval()
         try:
-            for batch in loader:
-                examples = objective.example_losses(model, self._prepare_inputs(batch))
+            for examples in self._example_losses_in_order(dataset, batch_size, group_by_length):
                 losses = examples.losses
                 if objective.correct:
                     corrected = objective.corrected_labels(self.meta_model, examples)
@@ -498,6 +505,39 @@ class SAMATrainer(Trainer):
             model.train(was_training)
             self.meta_model.train(meta_was_training)
         return dict(out)
+
+    def _example_losses_in_order(self, dataset: Any, batch_size: int, group_by_length: bool):
+        """The objective's :class:`ExampleLosses` on ``dataset``, in batches of ``batch_size`` in its order; the
+        forward passes over length-sorted batches when ``group_by_length`` and the examples have ``input_ids``."""
+        from torch.utils.data import DataLoader
+
+        def loader(order=None):
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, sampler=order)
+
+        def plain():
+            for batch in loader():
+                yield self.objective.example_losses(self.model, self._prepare_inputs(batch))
+
+        lengths = _example_lengths(dataset) if group_by_length else None
+        if lengths is None:
+            yield from plain()
+            return
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        parts = [self.objective.example_losses(self.model, self._prepare_inputs(b)) for b in loader(order)]
+        fields = {}
+        for name in ("losses", "labels", "logits", "features", "example_ids"):
+            values = [getattr(part, name) for part in parts]
+            if all(v is None for v in values):
+                fields[name] = None
+            elif all(isinstance(v, torch.Tensor) for v in values):
+                where = torch.empty(len(order), dtype=torch.long, device=values[0].device)
+                where[torch.tensor(order, device=where.device)] = torch.arange(len(order), device=where.device)
+                fields[name] = torch.cat(values)[where]  # back to the dataset's order
+            else:  # a field that cannot be put back in order: the plain passes
+                yield from plain()
+                return
+        for start in range(0, len(order), batch_size):
+            yield ExampleLosses(**{k: None if v is None else v[start : start + batch_size] for k, v in fields.items()})
 
     def example_weight_means(self, last_epochs: int | None = None) -> torch.Tensor:
         """Mean weight each training example received while drawn (all epochs, or the last ``last_epochs``), by

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 import torch
 from datasets import Dataset
 from helpers import sama_args, tiny_bert, token_dataset
 
 from sama_trainer import SAMATrainer
-from sama_trainer.meta_data import length_chunks
+from sama_trainer.meta_data import length_chunks, split_points
 
 
 def _pad(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -48,7 +51,63 @@ def test_length_chunks_sort_trim_and_keep_every_example():
     assert length_chunks(listed, 2) == [(listed, 6)]  # a value that cannot be cut
 
 
-@pytest.mark.parametrize("micro", [1, 3])
+def _partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty blocks."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1 :]
+        yield [[first]] + part
+
+
+@pytest.mark.parametrize("size", [None, 2, 3])
+def test_split_points_minimise_padding_plus_pass_cost_over_every_partition(size):
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = sorted((rng.randint(1, 40) for _i in range(rng.randint(1, 7))), reverse=True)
+        overhead = rng.choice([0.0, 5.0, 20.0, 80.0])
+
+        def cost(blocks, lengths=lengths, overhead=overhead):
+            return sum(overhead + len(b) * max(lengths[i] for i in b) for b in blocks)
+
+        # any grouping of the examples, not only runs of the sorted order
+        feasible = [p for p in _partitions(list(range(len(lengths)))) if size is None or max(map(len, p)) <= size]
+        ends = split_points(lengths, size, overhead)
+        blocks = [list(range(a, b)) for a, b in itertools.pairwise([0] + ends)]
+        assert ends[-1] == len(lengths) and (size is None or max(map(len, blocks)) <= size)
+        assert cost(blocks) == pytest.approx(min(map(cost, feasible))), (lengths, overhead)
+
+
+def test_split_points_limits():
+    lengths = [30, 30, 12, 12, 12, 3]
+    assert split_points(lengths) == [6]  # neither: one micro-batch
+    assert split_points(lengths, 4) == [4, 6]  # fixed size
+    assert split_points(lengths, None, 0.0) == [2, 5, 6]  # passes are free: every length its own micro-batch
+    assert split_points(lengths, None, 1e9) == [6]  # passes are dear: one
+    assert split_points(lengths, 1, 1e9) == [1, 2, 3, 4, 5, 6]  # the size bound wins
+    with pytest.raises(ValueError, match="decreasing"):
+        split_points([1, 2])
+
+
+def test_length_chunks_by_pass_cost():
+    batch = _pad([{"input_ids": list(range(1, k + 1)), "labels": k} for k in (30, 2, 29, 3, 2, 31)])
+    chunks = length_chunks(batch, None, 10.0)  # 3 * 31 + 3 * 3 + 20 beats 6 * 31 + 10
+    assert [c["labels"].tolist() for c, _ in chunks] == [[31, 30, 29], [3, 2, 2]]
+    assert [c["input_ids"].shape[1] for c, _ in chunks] == [31, 3]
+    one = length_chunks(batch, None, 1e6)  # one micro-batch: the examples in their order
+    assert len(one) == 1 and one[0][0]["labels"].tolist() == [30, 2, 29, 3, 2, 31]
+    short = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.zeros(6, 5, dtype=torch.long)], 1))
+    short["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(6, 5, dtype=torch.long)], 1)
+    ((trimmed, n),) = length_chunks(short, None, 1e6)  # padded beyond its longest example: trimmed
+    assert n == 6 and torch.equal(trimmed["input_ids"], batch["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "micro", [{"meta_micro_batch_size": 1}, {"meta_micro_batch_size": 3}, {"meta_pass_overhead_tokens": 4.0}]
+)
 def test_meta_steps_with_micro_batches_equal_the_whole_batch(tmp_path, micro):
     train, meta = token_dataset(32, noise=0.3, seed=1), _ragged(12, seed=2)
 
@@ -58,7 +117,7 @@ def test_meta_steps_with_micro_batches_equal_the_whole_batch(tmp_path, micro):
         trainer.train()
         return trainer
 
-    whole, cut = run("whole"), run("cut", meta_micro_batch_size=micro)
+    whole, cut = run("whole"), run("cut", **micro)
     assert whole.meta_step_count == cut.meta_step_count == 3
     for a, b in zip(whole.meta_model.parameters(), cut.meta_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -71,3 +130,8 @@ def test_meta_steps_with_micro_batches_equal_the_whole_batch(tmp_path, micro):
 def test_meta_micro_batch_size_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="meta_micro_batch_size must be >= 1"):
         sama_args(tmp_path, meta_micro_batch_size=0)
+
+
+def test_meta_pass_overhead_tokens_must_not_be_negative(tmp_path):
+    with pytest.raises(ValueError, match="meta_pass_overhead_tokens must be >= 0"):
+        sama_args(tmp_path, meta_pass_overhead_tokens=-1)

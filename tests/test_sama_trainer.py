@@ -148,6 +148,40 @@ def test_example_weights_and_corrections_cover_the_dataset(tmp_path):
     assert all(abs(sum(p) - 1) < 1e-5 for p in out["corrected_probs"])
 
 
+def test_example_weights_from_length_sorted_passes_equal_the_plain_order(tmp_path):
+    train, meta = datasets()
+    ragged = train.map(lambda e, i: {"input_ids": e["input_ids"][: 2 + (i * 5) % 7]}, with_indices=True)
+    widths = []
+
+    def pad(examples):
+        width = max(len(e["input_ids"]) for e in examples)
+        widths.append(width)
+        ids = torch.zeros(len(examples), width, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        return {
+            "input_ids": ids,
+            "attention_mask": (ids != 0).long(),
+            "labels": torch.tensor([e["labels"] for e in examples]),
+        }
+
+    args = make_args(tmp_path, meta_objective="reweight+correct", meta_weight_normalize_by_class=True)
+    trainer = SAMATrainer(tiny_bert(), args, train, meta)
+    trainer.train()
+    # the losses of a tiny model differ little: a steep weight net, z = 10 (loss - 1.1), makes the weights differ
+    first, last = (m for m in trainer.meta_model["reweight"].modules() if isinstance(m, torch.nn.Linear))
+    first.weight.data.fill_(1.0), first.bias.data.zero_(), last.weight.data.fill_(0.1), last.bias.data.fill_(-11.0)
+    trainer.data_collator = pad
+    plain = trainer.compute_example_weights(ragged, batch_size=5, group_by_length=False)
+    plain_widths, widths[:] = list(widths), []
+    grouped = trainer.compute_example_weights(ragged, batch_size=5)
+    assert sum(widths) < sum(plain_widths)  # the sorted passes padded less
+    assert plain.keys() == grouped.keys() == {"loss", "weight", "corrected_label", "corrected_probs"}
+    for key in plain:
+        torch.testing.assert_close(torch.tensor(grouped[key]), torch.tensor(plain[key]), rtol=1e-4, atol=1e-5)
+    assert torch.tensor(plain["weight"]).std() > 0.01
+
+
 def test_normalize_weights_per_class_matches_hand_computation():
     weights = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0])
     labels = torch.tensor([0, 0, 2, 2, 0])  # class 1 absent; class 0 mean 8/3, class 2 mean 4.5
