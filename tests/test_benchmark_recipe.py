@@ -189,3 +189,21 @@ def test_scale_rows_predict_and_count_the_bytes_of_a_ddp_meta_step(tmp_path):
     for row in (single, double):
         assert row["measured_meta_ms"] > 0 and row["predicted_meta_ms"] > 0
     assert "| world_size | 2 |" in md
+
+
+def test_pass_overhead_fit_recovers_a_linear_cost_and_the_cli_writes_it(tmp_path):
+    import pass_overhead
+
+    rows = [{"positions": p, "seconds": 0.07 + 0.001 * p} for p in (16, 64, 256, 1024)]
+    fit = pass_overhead.fit_overhead(rows)
+    assert fit["overhead_tokens"] == pytest.approx(70.0) and fit["position_seconds"] == pytest.approx(0.001)
+    with pytest.raises(RuntimeError, match="did not grow"):
+        pass_overhead.fit_overhead([{"positions": 16, "seconds": 0.2}, {"positions": 64, "seconds": 0.1}])
+    with pytest.raises(SystemExit, match="two different sizes"):
+        pass_overhead.parse_shapes("4x4,2x8")
+    out = tmp_path / "overhead.json"
+    report = pass_overhead.main(
+        ["--model_name_or_path", "tiny", "--shapes", "1x4,8x64,32x128", "--repeats", "1", "--output", str(out)]
+    )
+    assert json.loads(out.read_text()) == report
+    assert [r["positions"] for r in report["rows"]] == [4, 512, 4096] and all(r["seconds"] > 0 for r in report["rows"])
