@@ -50,6 +50,7 @@ from sama_trainer.data.preparation import (
     hold_out_valid_half,
     load_wrench_from_hub,
     prepare_task,
+    stratified_part,
 )
 from sama_trainer.diagnostics import weight_diagnostics
 from sama_trainer.model_card import CardMetric, build_model_card
@@ -117,6 +118,13 @@ class ScriptArguments:
         default="continue", metadata={"help": "How sama_rc_clean trains on the clean set.", "choices": CLEAN_MODES}
     )
     clean_upsample: int = field(default=1, metadata={"help": "Repeat clean rows this often when mixed in."})
+    meta_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "SAMA's meta set: this class-stratified fraction of the clean set (the clean phase of "
+            "sama_rc_clean still trains on all of it, so the rest is new to the model there)."
+        },
+    )
     tune_on_valid_fold: int | None = field(
         default=None,
         metadata={"help": "Tune without test: halve valid per class; fold 0/1 is the clean set, the other is scored."},
@@ -232,7 +240,7 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         model,
         args,
         main_training_set(spec, task),
-        meta_dataset=task.clean_tok if spec.sama else None,
+        meta_dataset=meta_set(task, script_args, args.seed) if spec.sama else None,
         clean_dataset=task.clean_as_train_tok if spec.clean_after else None,
         mode=script_args.sama_clean_mode if method == "sama_rc_clean" else "continue",
         clean_steps=script_args.clean_steps,
@@ -274,6 +282,7 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         results.update({name: getattr(args, name) for name in sama_fields}, sama_alpha=args.meta_alpha)
         results.update(meta_steps=trainer.meta_step_count, meta_steps_skipped=trainer.meta_steps_skipped)
         results["sama_clean_mode"] = script_args.sama_clean_mode if method == "sama_rc_clean" else None
+        results.update(meta_fraction=script_args.meta_fraction, num_meta=len(trainer.meta_dataset))
         results.update(weight_diagnostics(weights, task.train["weak_label"], task.train["label"], task.label_names))
         for given, to in results.get("relabelled_classes", {}).items():
             hint = "try --correction_mix_noisy 0.5 (keeps the given class) or sama_r"
@@ -283,6 +292,13 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
     if args.process_index == 0:
         write_outputs(results, trainer, task, weights or None, base_model, output_dir)
     return results
+
+
+def meta_set(task: WeakSupervisionTask, script_args: ScriptArguments, seed: int) -> Any:
+    """The clean set, or with ``--meta_fraction`` below 1 a class-stratified part of it (seeded by the run's seed)."""
+    if script_args.meta_fraction >= 1.0:
+        return task.clean_tok
+    return task.clean_tok.select(stratified_part(task.clean["label"], script_args.meta_fraction, seed).tolist())
 
 
 def main_training_set(spec: Method, task: WeakSupervisionTask) -> Any:
@@ -404,6 +420,10 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
     if not methods or unknown:
         given = ", ".join(unknown) or repr(script_args.method)
         raise ValueError(f"unknown method {given}; choose from: {', '.join(METHODS)}")
+    if not 0.0 < script_args.meta_fraction <= 1.0:
+        raise ValueError(
+            f"--meta_fraction must be in (0, 1] (got {script_args.meta_fraction}); 1 uses the whole clean set"
+        )
     if script_args.log_file:
         log_to_file(script_args.log_file)
     if script_args.num_threads:

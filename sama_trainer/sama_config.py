@@ -87,9 +87,9 @@ class SAMAConfig(TrainingArguments):
         meta_pass_overhead_tokens (`float`, *optional*):
             Cut the meta batch into length-sorted micro-batches only where the padding it saves outweighs the cost of
             another forward/backward pass, this cost given in token positions (each micro-batch costs this plus its
-            examples times its longest). It depends on the model and the hardware (`recipes/pass_overhead.py` measures it):
-            about 60 for a 6-layer MiniLM on one CPU thread; on a GPU, where a small pass costs as much as a large one,
-            leave it unset.
+            examples times its longest). It depends on the model and the hardware (`recipes/pass_overhead.py`
+            measures it): about 60 for a 6-layer MiniLM on one CPU thread; on a GPU, where a small pass costs as much
+            as a large one, leave it unset.
             Combines with `meta_micro_batch_size` (then an upper bound on the micro-batch size).
         example_id_column (`str`, defaults to `"example_id"`):
             A training-set column with each example's index in `[0, len(train_dataset))`. When present, the trainer

@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard
 
 from sama_trainer import BootstrapCorrectionNet, MetaWeightNet, SAMAConfig, SAMAParser, load_meta_model
 from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_weak_supervision, write_wrench_format
-from sama_trainer.data.preparation import hold_out_valid_half, load_wrench_from_hub
+from sama_trainer.data.preparation import hold_out_valid_half, load_wrench_from_hub, stratified_part
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,43 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     reweight = load_meta_model(str(tmp_path / "sama_meta_model"))["reweight"]
     assert isinstance(reweight, MetaWeightNet) and reweight.normalize and reweight.center
     assert not reweight.net[2].bias.requires_grad
+
+
+def test_stratified_part_takes_a_seeded_share_of_every_class():
+    labels = np.array([0] * 10 + [1] * 4 + [2] * 1)
+    part = stratified_part(labels, 0.5, seed=3)
+    assert [int((labels[part] == c).sum()) for c in (0, 1, 2)] == [5, 2, 1]  # at least one of each class
+    assert list(part) == sorted(set(part.tolist())) and np.array_equal(part, stratified_part(labels, 0.5, seed=3))
+    assert not np.array_equal(part, stratified_part(labels, 0.5, seed=4))
+    assert np.array_equal(stratified_part(labels, 1.0), np.arange(15))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        stratified_part(labels, 0.0)
+
+
+def test_meta_fraction_gives_sama_part_of_the_clean_set_and_the_clean_phase_all_of_it(
+    recipe, wrench_dir, tmp_path, monkeypatch
+):
+    seen = {}
+    original = recipe.fit_with_clean_set
+
+    def recording(model, args, train_dataset, **kwargs):
+        seen["meta"] = [tuple(r) for r in kwargs["meta_dataset"]["input_ids"]]
+        seen["meta_labels"] = list(kwargs["meta_dataset"]["labels"])
+        seen["clean"] = [tuple(r) for r in kwargs["clean_dataset"]["input_ids"]]
+        seen["train"] = {tuple(r) for r in train_dataset["input_ids"]}
+        return original(model, args, train_dataset, **kwargs)
+
+    monkeypatch.setattr(recipe, "fit_with_clean_set", recording)
+    (result,) = _run(
+        recipe, wrench_dir, tmp_path, "--method", "sama_rc_clean", "--clean_per_class", "6", "--meta_fraction", "0.5",
+        "--clean_steps", "3", "--save_model", "false",
+    )  # fmt: skip
+    assert result["num_clean"] == 12 and result["num_meta"] == 6 and result["meta_fraction"] == 0.5
+    assert sorted(seen["meta_labels"]) == [0, 0, 0, 1, 1, 1]  # half of each class
+    assert len(seen["clean"]) == 12 and set(seen["meta"]) < set(seen["clean"])  # the clean phase sees all of it
+    assert result["train_steps"] == 4 + 3
+    with pytest.raises(ValueError, match="--meta_fraction must be in"):
+        _run(recipe, wrench_dir, tmp_path / "bad", "--method", "sama_r", "--meta_fraction", "1.5")
 
 
 def test_card_names_the_base_model(recipe, wrench_dir, tmp_path):

@@ -25,6 +25,7 @@ __all__ = [
     "load_wrench_from_hub",
     "metric_name_for",
     "prepare_task",
+    "stratified_part",
 ]
 
 # WRENCH's metric per dataset (its README / benchmark tables): binary F1 (positive class 1) for sms and the relation
@@ -85,6 +86,20 @@ def carve_train_from_valid(data: WeakSupervisionData, fraction: float, seed: int
     valid = data["valid"].shuffle(seed=seed)
     n = int(round(fraction * len(valid)))
     data.splits["train"], data.splits["valid"] = valid.select(range(n)), valid.select(range(n, len(valid)))
+
+
+def stratified_part(labels: Any, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of a class-stratified ``fraction`` of the rows with ``labels``: within each class a seeded
+    random ``round(fraction · n_c)`` of its ``n_c`` rows, at least one."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        picked.append(rows[: max(1, round(fraction * len(rows)))])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
 def hold_out_valid_half(data: WeakSupervisionData, fold: int, split_seed: int = 123) -> None:
