@@ -26,7 +26,7 @@ import torch
 from pass_overhead import load_model
 
 from sama_trainer.losses import per_example_cross_entropy
-from sama_trainer.meta_data import length_chunks
+from sama_trainer.meta_data import length_chunks, mean_over_chunks
 
 
 def clean_examples(dataset_dir: str, k: int, seed: int) -> list[tuple[str, int]]:
@@ -54,14 +54,14 @@ def meta_pass(
     model: Any, batch: dict[str, torch.Tensor], size: int | None, overhead: float | None
 ) -> tuple[float, int]:
     """CPU seconds of the meta loss's forward+backward over ``batch`` cut as ``SAMATrainer`` cuts it; passes made."""
-    chunks = length_chunks(batch, size, overhead) if size or overhead is not None else [(batch, len(batch["labels"]))]
-    start = time.process_time()
-    total = sum(n for _, n in chunks)
-    loss = 0.0
-    for chunk, n in chunks:
+    chunks = length_chunks(batch, size, overhead)
+
+    def loss(chunk: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in chunk.items() if k != "labels"}
-        loss = loss + per_example_cross_entropy(model(**inputs).logits, chunk["labels"]).mean() * (n / total)
-    loss.backward()
+        return per_example_cross_entropy(model(**inputs).logits, chunk["labels"]).mean()
+
+    start = time.process_time()
+    mean_over_chunks(loss, chunks).backward()
     model.zero_grad(set_to_none=True)
     return time.process_time() - start, len(chunks)
 

@@ -170,6 +170,15 @@ def length_chunks(
     return chunks
 
 
+def mean_over_chunks(loss: Callable[[dict[str, Any]], torch.Tensor], chunks: list[tuple[dict[str, Any], int]]):
+    """The mean of a per-example loss over the whole batch from its micro-batches ``[(micro_batch, n), ...]`` (as
+    :func:`length_chunks` returns them): the sum of ``loss(micro_batch)`` (a mean) weighted by ``n / total``."""
+    if len(chunks) == 1:
+        return loss(chunks[0][0])
+    total = sum(n for _, n in chunks)
+    return sum(loss(chunk) * (n / total) for chunk, n in chunks)
+
+
 _TOKEN_KEYS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask"}
 
 

@@ -26,7 +26,7 @@ from .adaptation import check_adaptation_supported, unwrap_optimizer
 from .checkpoint import META_STATE_NAME, atomic_save, rank_state_name, resolve_resume_checkpoint
 from .distributed import RankAgreement, all_reduce_mean_, apply_ddp_timeout
 from .losses import soft_cross_entropy
-from .meta_data import MetaBatchStream, length_chunks
+from .meta_data import MetaBatchStream, length_chunks, mean_over_chunks
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
 from .meta_nets import save_meta_model
 from .model_card import sama_card_section, save_trainer_card
@@ -390,8 +390,7 @@ class SAMATrainer(Trainer):
             self._call_meta_event("on_meta_step_begin")
             batch = self._meta_batches().next_batch()
             # cut on the host, before the batch moves to the device: no device syncs for the lengths
-            size, overhead = args.meta_micro_batch_size, args.meta_pass_overhead_tokens
-            parts = length_chunks(batch, size, overhead) if size or overhead is not None else [(batch, 1)]
+            parts = length_chunks(batch, args.meta_micro_batch_size, args.meta_pass_overhead_tokens)
             chunks = [(self._prepare_inputs(part), n) for part, n in parts]
 
         # first-order methods only need base-model values: no graph through the base model in perturbed passes
@@ -406,10 +405,7 @@ class SAMATrainer(Trainer):
             return total / len(base_batches)
 
         def meta_loss() -> torch.Tensor:
-            if len(chunks) == 1:
-                return objective.meta_loss(model, dict(chunks[0][0]))
-            total = sum(n for _, n in chunks)  # the mean over the meta batch, as the sum of micro-batch means
-            return sum(objective.meta_loss(model, dict(chunk)) * (n / total) for chunk, n in chunks)
+            return mean_over_chunks(lambda chunk: objective.meta_loss(model, dict(chunk)), chunks)
 
         # The step's gradients are consumed: the method forms u in their buffers (no θ-sized v) or, where it cannot,
         # keeps the saved θ there (the core checks that they fit).

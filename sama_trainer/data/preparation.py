@@ -8,6 +8,7 @@ set, and tokenises train, clean and test. :func:`hold_out_valid_half` turns the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,18 +89,24 @@ def carve_train_from_valid(data: WeakSupervisionData, fraction: float, seed: int
     data.splits["train"], data.splits["valid"] = valid.select(range(n)), valid.select(range(n, len(valid)))
 
 
+def _first_of_each_class(labels: Any, count: Callable[[int], int], seed: int) -> np.ndarray:
+    """A boolean row mask: within each class (in sorted order) a seeded permutation of its rows, the first
+    ``count(n_c)`` of them."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        picked[rows[: count(len(rows))]] = True
+    return picked
+
+
 def stratified_part(labels: Any, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted row indices of a class-stratified ``fraction`` of the rows with ``labels``: within each class a seeded
     random ``round(fraction · n_c)`` of its ``n_c`` rows, at least one."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"the fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        picked.append(rows[: max(1, round(fraction * len(rows)))])
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(_first_of_each_class(labels, lambda n: max(1, round(fraction * n)), seed))
 
 
 def hold_out_valid_half(data: WeakSupervisionData, fold: int, split_seed: int = 123) -> None:
@@ -108,12 +115,7 @@ def hold_out_valid_half(data: WeakSupervisionData, fold: int, split_seed: int = 
     if fold not in (0, 1):
         raise ValueError(f"the valid fold must be 0 or 1, got {fold}")
     valid = data["valid"]
-    labels = np.asarray(valid["label"])
-    rng = np.random.default_rng(split_seed)
-    first = np.zeros(len(valid), dtype=bool)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        first[idx[: len(idx) // 2]] = True
+    first = _first_of_each_class(valid["label"], lambda n: n // 2, split_seed)
     keep, score = np.flatnonzero(first), np.flatnonzero(~first)
     if fold == 1:
         keep, score = score, keep
