@@ -147,6 +147,10 @@ def main():
     }
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
+    # leave the group before the interpreter exits: gloo's threads torn down at exit can abort a loaded machine's
+    # process ("terminate called without an active exception") after every result is written
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
