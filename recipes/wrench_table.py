@@ -234,11 +234,14 @@ def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | Non
     """Test metric (mean ± std over seeds) against the clean examples per class K, one panel per dataset, one line per
     method; K = all (the whole clean split) is drawn at its mean number of examples per class."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({r["dataset"] for r in rows})
+    order = [m for m in (methods or sorted({r["method"] for r in rows})) if any(r["method"] == m for r in rows)]
+    colour = {method: f"C{i % 10}" for i, method in enumerate(order)}  # a method keeps its colour in every panel
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
@@ -246,16 +249,20 @@ def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | Non
         for r in mine:
             k = r["clean_per_class"] if r.get("clean_per_class") is not None else r["num_clean"] / r["num_labels"]
             by_method[r["method"]][float(k)].append(100 * r["test_metric"])
-        for method in [m for m in (methods or sorted(by_method)) if m in by_method]:
+        for method in [m for m in order if m in by_method]:
             ks = sorted(by_method[method])
             means = [statistics.fmean(by_method[method][k]) for k in ks]
             stds = [statistics.pstdev(by_method[method][k]) if len(by_method[method][k]) > 1 else 0.0 for k in ks]
-            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method, color=colour[method])
         ax.set_xscale("log")
+        ticks = sorted({k for by_k in by_method.values() for k in by_k})
+        ax.set_xticks(ticks, [f"{k:g}" for k in ticks])  # the Ks measured, not log-scale minor labels
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("clean examples per class (K; rightmost: all)")
         ax.set_ylabel(f"test {mine[0]['metric_name']} ×100")
         ax.set_title(dataset)
-    axes[0][-1].legend(fontsize=8)
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8)  # every method, from whichever panel has it
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -309,8 +316,9 @@ def main(argv: list[str] | None = None) -> str:
         Path(args.markdown).write_text(table, encoding="utf-8")
     if args.results_md:
         replace_marked_block(args.results_md, args.results_marker, table)
-    if args.plot:
-        plot_k_curve(rows, args.plot, methods)
+    if args.plot:  # the datasets asked for (all of them with --collect_only)
+        datasets = None if args.collect_only else set(args.datasets.split(","))
+        plot_k_curve([r for r in rows if datasets is None or r["dataset"] in datasets], args.plot, methods)
     return table
 
 

@@ -283,6 +283,32 @@ def test_table_driver_collects_results(tmp_path):
     assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
 
 
+def test_k_curve_gives_a_method_one_colour_in_every_panel(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    spec = importlib.util.spec_from_file_location("wrench_table", RECIPE.parent / "wrench_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rows = [
+        {"dataset": d, "method": m, "clean_per_class": 10, "test_metric": 0.5, "metric_name": "accuracy"}
+        for d, methods in [("sms", ["cft", "sama_rc"]), ("youtube", ["clean_only", "cft", "sama_rc"])]
+        for m in methods
+    ]
+    drawn = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def recording(self, *args, **kwargs):
+        drawn.append((self.get_title(), kwargs["label"], kwargs["color"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", recording)
+    table.plot_k_curve(rows, str(tmp_path / "k.png"), ["clean_only", "cft", "sama_rc"])
+    colours = {}
+    for _, label, colour in drawn:
+        assert colours.setdefault(label, colour) == colour  # sms draws cft second, youtube third: same colour
+    assert len(drawn) == 5 and len(set(colours.values())) == 3
+
+
 STUB_RUN = """
 import json, os, sys, time
 from pathlib import Path
