@@ -25,20 +25,17 @@ from typing import Any
 import torch
 from pass_overhead import load_model
 
+from sama_trainer.data import load_wrench, subsample_per_class
 from sama_trainer.losses import per_example_cross_entropy
 from sama_trainer.meta_data import length_chunks, mean_over_chunks
+from sama_trainer.pretrained import TINY_BERT
 
 
 def clean_examples(dataset_dir: str, k: int, seed: int) -> list[tuple[str, int]]:
-    """``k`` examples per class of the WRENCH folder's valid split (text, gold label)."""
-    valid = json.loads((Path(dataset_dir) / "valid.json").read_text())
-    by_class: dict[int, list[str]] = {}
-    for row in valid.values():
-        by_class.setdefault(int(row["label"]), []).append(row["data"]["text"])
-    rng = random.Random(seed)
-    return [
-        (text, label) for label, texts in sorted(by_class.items()) for text in rng.sample(texts, min(k, len(texts)))
-    ]
+    """The recipe's clean set at ``--clean_per_class k``: ``k`` examples per class of the WRENCH folder's valid split
+    (text, gold label), drawn as ``prepare_task`` draws them."""
+    clean = subsample_per_class(load_wrench(dataset_dir)["valid"], k, seed=seed)
+    return list(zip(clean["text"], clean["label"]))
 
 
 def pad(encoded: list[list[int]], labels: list[int]) -> dict[str, torch.Tensor]:
@@ -86,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     clean = clean_examples(args.dataset_dir, args.clean_per_class, args.seed)
-    model = load_model(args.model_name_or_path, num_labels=1 + max(label for _, label in clean)).train()
-    name = model.config._name_or_path if args.model_name_or_path in ("default", "tiny") else args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name) if args.model_name_or_path != "tiny" else None
-    if tokenizer is None:  # the tiny model: word ids from the text's length
+    model = load_model(args.model_name_or_path, 1 + max(label for _, label in clean), args.seed).train()
+    tiny = args.model_name_or_path == TINY_BERT
+    tokenizer = None if tiny else AutoTokenizer.from_pretrained(model.config._name_or_path)
+    if tiny:  # no tokenizer: word ids from the words' lengths
         encoded = [[5 + (len(w) % 900) for w in text.split()][: args.max_seq_length] or [5] for text, _ in clean]
     else:
         encoded = [tokenizer(text, truncation=True, max_length=args.max_seq_length)["input_ids"] for text, _ in clean]

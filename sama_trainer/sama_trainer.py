@@ -12,6 +12,7 @@ meta network.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import defaultdict
@@ -520,15 +521,15 @@ class SAMATrainer(Trainer):
             return
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         parts = [self.objective.example_losses(self.model, self._prepare_inputs(b)) for b in loader(order)]
+        position = torch.empty(len(order), dtype=torch.long)  # of each dataset row in the sorted passes
+        position[torch.tensor(order)] = torch.arange(len(order))
         fields = {}
-        for name in ("losses", "labels", "logits", "features", "example_ids"):
+        for name in (f.name for f in dataclasses.fields(ExampleLosses)):
             values = [getattr(part, name) for part in parts]
             if all(v is None for v in values):
                 fields[name] = None
             elif all(isinstance(v, torch.Tensor) for v in values):
-                where = torch.empty(len(order), dtype=torch.long, device=values[0].device)
-                where[torch.tensor(order, device=where.device)] = torch.arange(len(order), device=where.device)
-                fields[name] = torch.cat(values)[where]  # back to the dataset's order
+                fields[name] = torch.cat(values)[position.to(values[0].device)]  # back to the dataset's order
             else:  # a field that cannot be put back in order: the plain passes
                 yield from plain()
                 return

@@ -203,7 +203,7 @@ def test_pass_overhead_fit_recovers_a_linear_cost_and_the_cli_writes_it(tmp_path
         pass_overhead.parse_shapes("4x4,2x8")
     out = tmp_path / "overhead.json"
     report = pass_overhead.main(
-        ["--model_name_or_path", "tiny", "--shapes", "1x4,8x64,32x128", "--repeats", "1", "--output", str(out)]
+        ["--model_name_or_path", "tiny-bert", "--shapes", "1x4,8x64,32x128", "--repeats", "1", "--output", str(out)]
     )
     assert json.loads(out.read_text()) == report
     assert [r["positions"] for r in report["rows"]] == [4, 512, 4096] and all(r["seconds"] > 0 for r in report["rows"])
@@ -221,7 +221,7 @@ def test_meta_split_benchmark_times_every_way_on_the_same_draws(tmp_path):
             "--dataset_dir",
             str(folder),
             "--model_name_or_path",
-            "tiny",
+            "tiny-bert",
             "--clean_per_class",
             "4",
             "--meta_batch_size",
