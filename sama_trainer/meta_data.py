@@ -8,6 +8,15 @@ from typing import Any
 import torch
 
 
+def example_lengths(dataset: Any) -> list[int] | None:
+    """The number of tokens of every example (its ``input_ids``), or None when the dataset has no such column."""
+    try:
+        column = dataset["input_ids"] if hasattr(dataset, "column_names") else [e["input_ids"] for e in dataset]
+        return [len(ids) for ids in column]
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
 class MetaBatchStream:
     """Cycles through ``dataset`` in shuffled epochs, each rank taking its own shard (as ``DistributedSampler``).
 

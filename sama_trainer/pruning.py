@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .meta_data import example_lengths
+
 
 __all__ = [
     "PRUNING_SCORES",
@@ -55,6 +57,7 @@ __all__ = [
     "el2n",
     "keep_indices",
     "meta_importance_scores",
+    "predict_in_order",
     "random_scores",
     "read_scores",
     "with_example_ids",
@@ -163,6 +166,48 @@ def keep_indices(
     return np.sort(np.concatenate(kept))
 
 
+def predict_in_order(
+    trainer: Trainer, dataset: Any, batch_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode logits [N, C] and labels [N] (float32, int64, on the CPU) of every row of ``dataset``, in its order.
+
+    ``Trainer.predict`` returns rows in its evaluation sampler's order, which with
+    ``train_sampling_strategy="group_by_length"`` is a seeded length-grouped shuffle: fine for a metric over
+    (prediction, label) pairs, wrong for a score per example. Here the forward passes run over length-sorted batches
+    (when the rows have ``input_ids``) through ``trainer.prediction_step`` and the rows are put back in place.
+    """
+    from torch.utils.data import DataLoader
+
+    if trainer.args.remove_unused_columns and hasattr(dataset, "remove_columns"):
+        dataset = trainer._remove_unused_columns(dataset, description="prediction")
+    lengths = example_lengths(dataset)
+    order = list(range(len(dataset))) if lengths is None else sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size or trainer.args.per_device_eval_batch_size,
+        sampler=order,
+        collate_fn=trainer.data_collator,
+    )
+    model, was_training = trainer.model, trainer.model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in loader:
+            _, batch_logits, batch_labels = trainer.prediction_step(model, batch, prediction_loss_only=False)
+            if isinstance(batch_logits, tuple):
+                batch_logits = batch_logits[0]
+            if batch_labels is None:
+                raise ValueError("predict_in_order needs a label column in the dataset")
+            logits.append(batch_logits.detach().float().cpu())
+            labels.append(batch_labels.detach().long().cpu().reshape(-1))
+    finally:
+        model.train(was_training)
+    in_sorted_order = torch.cat(logits), torch.cat(labels)
+    position = torch.empty(len(order), dtype=torch.long)  # of each dataset row among the sorted rows
+    position[torch.tensor(order)] = torch.arange(len(order))
+    return in_sorted_order[0][position], in_sorted_order[1][position]
+
+
 class _Snapshots(TrainerCallback):
     """Records one array per example at chosen global optimizer steps (or at the end of every epoch)."""
 
@@ -205,10 +250,10 @@ class _Snapshots(TrainerCallback):
 class TrainingDynamics(_Snapshots):
     """Predictions of a trainer's model on a dataset at chosen points of training, for EL2N and loss scores.
 
-    At the end of every epoch (or after each optimizer step in ``at_steps``) it runs ``trainer.predict(dataset)``
-    (eval mode, gathered across DDP ranks in dataset order) and keeps per-example EL2N and cross-entropy. Attach it
-    with :meth:`attach`; the records are not part of checkpoints (a resumed run records only the points after the
-    resume).
+    At the end of every epoch (or after each optimizer step in ``at_steps``) it computes the eval-mode logits of
+    every example of ``dataset`` (:func:`predict_in_order`; every DDP rank scores the whole dataset) and keeps
+    per-example EL2N and cross-entropy. Attach it with :meth:`attach`; the records are not part of checkpoints (a
+    resumed run records only the points after the resume).
 
     Args:
         dataset: the examples to score (tokenised, with a label column), usually the training set.
@@ -225,11 +270,10 @@ class TrainingDynamics(_Snapshots):
         return super().attach(trainer)
 
     def _record(self) -> None:
-        out = self.trainer.predict(self.dataset, metric_key_prefix="dynamics")
-        logits = torch.as_tensor(np.asarray(out.predictions, dtype=np.float32))
-        labels = np.asarray(out.label_ids, dtype=np.int64)
-        if logits.shape[0] != len(self.dataset) or labels.shape != (logits.shape[0],):
-            raise ValueError("TrainingDynamics needs class logits [N, C] and class-id labels [N] from predict()")
+        logits, labels = predict_in_order(self.trainer, self.dataset)
+        if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+            raise ValueError("TrainingDynamics needs class logits [N, C] and class-id labels [N] from the model")
+        labels = labels.numpy()
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         self.el2n_records.append(el2n(log_probs.exp().numpy(), labels))
         self.loss_records.append(-log_probs[torch.arange(len(labels)), torch.as_tensor(labels)].numpy())

@@ -27,7 +27,7 @@ from .adaptation import check_adaptation_supported, unwrap_optimizer
 from .checkpoint import META_STATE_NAME, atomic_save, rank_state_name, resolve_resume_checkpoint
 from .distributed import RankAgreement, all_reduce_mean_, apply_ddp_timeout
 from .losses import soft_cross_entropy
-from .meta_data import MetaBatchStream, length_chunks, mean_over_chunks
+from .meta_data import MetaBatchStream, example_lengths, length_chunks, mean_over_chunks
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
 from .meta_nets import save_meta_model
 from .model_card import sama_card_section, save_trainer_card
@@ -39,15 +39,6 @@ from .weight_history import WeightHistory
 __all__ = ["META_MODEL_DIR", "SAMATrainer"]
 
 META_MODEL_DIR = "sama_meta_model"
-
-
-def _example_lengths(dataset: Any) -> list[int] | None:
-    """The number of tokens of every example (its ``input_ids``), or None when the dataset has no such column."""
-    try:
-        column = dataset["input_ids"] if hasattr(dataset, "column_names") else [e["input_ids"] for e in dataset]
-        return [len(ids) for ids in column]
-    except (KeyError, TypeError, IndexError):
-        return None
 
 
 class _MetaStepCallback(TrainerCallback):
@@ -515,7 +506,7 @@ class SAMATrainer(Trainer):
             for batch in loader():
                 yield self.objective.example_losses(self.model, self._prepare_inputs(batch))
 
-        lengths = _example_lengths(dataset) if group_by_length else None
+        lengths = example_lengths(dataset) if group_by_length else None
         if lengths is None:
             yield from plain()
             return

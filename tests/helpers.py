@@ -37,6 +37,20 @@ def token_dataset(n: int, num_labels: int = 3, seq_len: int = 8, seed: int = 0, 
     )
 
 
+def pad_batch(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Collate examples of different lengths: ``input_ids`` zero-padded to the longest (no real token is 0), the
+    attention mask marking the real tokens."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+    return {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "labels": torch.tensor([e["labels"] for e in examples]),
+    }
+
+
 def sama_args(output_dir, **overrides) -> SAMAConfig:
     """Small, fast, deterministic CPU defaults for trainer tests."""
     kwargs = dict(

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import sama_args, tiny_bert, train_and_meta
+from helpers import pad_batch, sama_args, tiny_bert, train_and_meta
 from transformers import TrainerCallback
 
 from sama_trainer import (
@@ -154,16 +154,9 @@ def test_example_weights_from_length_sorted_passes_equal_the_plain_order(tmp_pat
     widths = []
 
     def pad(examples):
-        width = max(len(e["input_ids"]) for e in examples)
-        widths.append(width)
-        ids = torch.zeros(len(examples), width, dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        return {
-            "input_ids": ids,
-            "attention_mask": (ids != 0).long(),
-            "labels": torch.tensor([e["labels"] for e in examples]),
-        }
+        batch = pad_batch(examples)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
 
     args = make_args(tmp_path, meta_objective="reweight+correct", meta_weight_normalize_by_class=True)
     trainer = SAMATrainer(tiny_bert(), args, train, meta)
