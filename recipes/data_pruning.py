@@ -178,11 +178,12 @@ class Experiment:
         draws = meta_importance_scores(trainer, pa.score_last_epochs)
         final = trainer.compute_example_weights(self.pool_tok)  # the trained model and meta net, eval mode
         extra = {"draw_weight": draws.tolist(), "final_loss": final["loss"], "final_weight": final["weight"]}
-        if len(snapshots.steps) == pa.score_snapshots:  # a run resumed past a snapshot point cannot use them
+        if len(snapshots.steps) == pa.score_snapshots:  # a resume restores the snapshots of its checkpoint
             extra["snapshot_weight"] = snapshots.scores().tolist()
         elif pa.score_source == "snapshots":
             raise RuntimeError(
-                f"the scoring run in {out} resumed after snapshot steps {at}; delete {out} to score it again"
+                f"the scoring run in {out} resumed from a checkpoint without the snapshots of steps {at} (recorded "
+                f"{snapshots.steps}); delete {out} to score it again"
             )
         scores = draws if pa.score_source == "draws" else snapshots.scores()
         timing = {**timing, "resumed": resumed, "meta_steps": trainer.meta_step_count, "snapshot_steps": at}

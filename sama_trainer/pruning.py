@@ -46,7 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoint import atomic_save
 from .meta_data import example_lengths
 
 
@@ -209,7 +211,14 @@ def predict_in_order(
 
 
 class _Snapshots(TrainerCallback):
-    """Records one array per example at chosen global optimizer steps (or at the end of every epoch)."""
+    """Records one array per example at chosen global optimizer steps (or at the end of every epoch).
+
+    The records travel with the trainer's checkpoints: every checkpoint of ``output_dir`` gets a
+    ``<ClassName>.pt`` with the records made up to its step, and a run resumed from a checkpoint of ``output_dir``
+    starts from them, so a resumed run ends with the records of an uninterrupted one.
+    """
+
+    record_names: tuple[str, ...] = ()  # the lists of per-example arrays that the subclass fills
 
     def __init__(self, at_steps: Sequence[int] | None = None):
         self.at_steps = None if at_steps is None else sorted(set(int(s) for s in at_steps))
@@ -232,6 +241,23 @@ class _Snapshots(TrainerCallback):
     def _record(self) -> None:
         raise NotImplementedError
 
+    def _file(self, args, step: int) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}" / f"{type(self).__name__}.pt"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = self._file(args, state.global_step)
+        if state.global_step > 0 and not self.steps and path.is_file():  # resumed from a checkpoint of output_dir
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.steps = list(saved["steps"])
+            for name in self.record_names:
+                setattr(self, name, [t.numpy() for t in saved[name]])
+
+    def on_save(self, args, state, control, **kwargs):
+        path = self._file(args, state.global_step)
+        if state.is_world_process_zero and path.parent.is_dir():
+            records = {name: [torch.from_numpy(a) for a in getattr(self, name)] for name in self.record_names}
+            atomic_save({"steps": list(self.steps), **records}, str(path))
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.at_steps is not None and state.global_step in self.at_steps and state.global_step not in self.steps:
             self.record(state.global_step)
@@ -252,13 +278,15 @@ class TrainingDynamics(_Snapshots):
 
     At the end of every epoch (or after each optimizer step in ``at_steps``) it computes the eval-mode logits of
     every example of ``dataset`` (:func:`predict_in_order`; every DDP rank scores the whole dataset) and keeps
-    per-example EL2N and cross-entropy. Attach it with :meth:`attach`; the records are not part of checkpoints (a
-    resumed run records only the points after the resume).
+    per-example EL2N and cross-entropy. Attach it with :meth:`attach`; the records are saved with the trainer's
+    checkpoints and restored on resume.
 
     Args:
         dataset: the examples to score (tokenised, with a label column), usually the training set.
         at_steps: global optimizer steps after which to record; None records at the end of every epoch.
     """
+
+    record_names = ("el2n_records", "loss_records")
 
     def __init__(self, dataset: Any, at_steps: Sequence[int] | None = None):
         super().__init__(at_steps)
@@ -293,13 +321,16 @@ class MetaWeightSnapshots(_Snapshots):
 
     At the end of every epoch (or after each optimizer step in ``at_steps``) it calls
     :meth:`~sama_trainer.SAMATrainer.compute_example_weights` on ``dataset`` (every rank scores the whole dataset);
-    :meth:`scores` is the mean over the records (high = keep). The records are not part of checkpoints.
+    :meth:`scores` is the mean over the records (high = keep). The records are saved with the trainer's checkpoints
+    and restored on resume.
 
     Args:
         dataset: the examples to score (tokenised, with a label column), usually the training set.
         at_steps: global optimizer steps after which to record; None records at the end of every epoch.
         batch_size: evaluation batch size (default: the trainer's ``per_device_eval_batch_size``).
     """
+
+    record_names = ("weight_records", "loss_records")
 
     def __init__(self, dataset: Any, at_steps: Sequence[int] | None = None, batch_size: int | None = None):
         super().__init__(at_steps)

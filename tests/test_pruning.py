@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -252,6 +253,44 @@ def test_meta_weight_snapshots_against_a_manual_forward(tmp_path):
         MetaWeightSnapshots(train).attach(Trainer(tiny_bert(), args, train_dataset=train))
     with pytest.raises(ValueError, match="nothing recorded"):
         MetaWeightSnapshots(train).scores()
+
+
+class StopAt(TrainerCallback):
+    """Raises after the given step (a run killed mid-way)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_meta_weight_snapshots_resume_with_the_records_of_the_checkpoint(tmp_path):
+    train = with_example_ids(token_dataset(24, noise=0.3, seed=1).remove_columns(["clean_labels"]))
+
+    def run(out, callbacks=(), resume=None):
+        args = sama_args(out, max_steps=6, save_strategy="steps", save_steps=3, meta_use_uncertainty=True)
+        trainer = SAMATrainer(tiny_bert(dropout=0.0), args, train, meta_dataset=train)
+        snapshots = MetaWeightSnapshots(train, at_steps=[2, 5]).attach(trainer)
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        trainer.train(resume_from_checkpoint=resume)
+        return snapshots
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", [StopAt(4)])
+    assert (tmp_path / "killed" / "checkpoint-3" / "MetaWeightSnapshots.pt").is_file()
+    resumed = run(tmp_path / "killed", resume=True)
+    assert whole.steps == resumed.steps == [2, 5]
+    np.testing.assert_allclose(resumed.scores(), whole.scores(), rtol=1e-5)
+    np.testing.assert_allclose(resumed.loss_scores(), whole.loss_scores(), rtol=1e-5)
+    # without the saved records the resumed run has only the later point
+    (tmp_path / "killed" / "checkpoint-3" / "MetaWeightSnapshots.pt").unlink()
+    for later in (tmp_path / "killed").glob("checkpoint-6"):
+        shutil.rmtree(later)
+    assert run(tmp_path / "killed", resume=str(tmp_path / "killed" / "checkpoint-3")).steps == [5]
 
 
 def test_score_file_round_trip(tmp_path):
