@@ -11,7 +11,10 @@ scoring run resumes from its last epoch checkpoint). Low score = pruned (``sama_
 
     python recipes/data_pruning.py --config recipes/configs/pruning_agnews.yaml
 
-A method named ``<score>_easy`` (e.g. ``sama_easy``) keeps the lowest-scored examples of ``<score>`` instead.
+A method named ``<score>_easy`` (e.g. ``sama_easy``) keeps the lowest-scored examples of ``<score>`` instead;
+``<score>_coverage`` keeps examples from the whole range of the score (coverage-centric selection:
+``keep_indices(keep="coverage")``, the ``--coverage_prune_top`` highest-scored pruned first, then ``--coverage_strata``
+score bins sampled evenly).
 
 Writes under ``--output_root``: ``scores/<method>/seed<k>/scores.jsonl`` (highest score first, with the text),
 ``runs/<budget>/<method>/keep<f>/seed<k>/results.json``, and (``data_pruning_report.py``) ``table.md``,
@@ -77,6 +80,8 @@ class PruningArguments:
     el2n_epochs: float = 1.0  # plain fine-tuning epochs of the EL2N / loss scoring run
     el2n_checkpoints: int = 2  # evenly spaced checkpoints in it (EL2N = their mean)
     stratify: bool = True  # keep the same fraction of every class
+    coverage_prune_top: float = 0.1  # <score>_coverage: the share of highest scores pruned before the bins
+    coverage_strata: int = 50  # <score>_coverage: equal-width score bins sampled evenly
     card_method: str = "sama"
     card_fraction: float = 0.7
     output_root: str = "outputs/pruning/agnews"
@@ -105,14 +110,24 @@ def tokenize(ds: Dataset, tokenizer: Any, max_length: int) -> Dataset:
     return with_example_ids(Dataset.from_dict({**enc, "labels": list(ds["label"])}))
 
 
+def score_and_rule(method: str) -> tuple[str, str]:
+    """(score, keep rule) of a method name: ``el2n`` keeps the highest EL2N, ``el2n_easy`` the lowest,
+    ``el2n_coverage`` the whole range (``keep_indices``' ``keep``)."""
+    for suffix, rule in (("_easy", "lowest"), ("_coverage", "coverage")):
+        if method.endswith(suffix):
+            return method.removesuffix(suffix), rule
+    return method, "highest"
+
+
 class Experiment:
     """The data, model and arguments every run of the sweep shares."""
 
     def __init__(self, pa: PruningArguments, args: SAMAConfig):
-        scores = ("sama", "el2n", "loss", "random")
-        unknown = [m for m in pa.methods.split(",") if m.removesuffix("_easy") not in scores]
+        unknown = [m for m in pa.methods.split(",") if score_and_rule(m)[0] not in ("sama", "el2n", "loss", "random")]
         if unknown:
-            raise ValueError(f"unknown --methods {unknown}: sama, el2n, loss or random, each optionally with _easy")
+            raise ValueError(
+                f"unknown --methods {unknown}: sama, el2n, loss or random, each optionally with _easy or _coverage"
+            )
         if pa.score_source not in ("snapshots", "draws"):
             raise ValueError(f"--score_source must be 'snapshots' or 'draws', got {pa.score_source!r}")
         if pa.score_snapshots < 1 or not 0 < pa.score_last_epochs <= pa.score_epochs:
@@ -145,8 +160,6 @@ class Experiment:
     # scoring ------------------------------------------------------------------------------------------------------
 
     def scores(self, method: str, seed: int) -> np.ndarray:
-        if method.endswith("_easy"):  # the same score, the lowest kept: prune the hardest examples instead
-            return -self.scores(method.removesuffix("_easy"), seed)
         if method == "random":
             return random_scores(len(self.pool), seed)
         path = self.root / "scores" / method / f"seed{seed}" / "scores.jsonl"
@@ -212,7 +225,11 @@ class Experiment:
         if (out / "results.json").is_file():
             return
         labels = self.pool["label"] if self.pa.stratify else None
-        kept = keep_indices(self.scores(method, seed), fraction, labels=labels) if fraction < 1.0 else None
+        kept = None
+        if fraction < 1.0:
+            score, rule = score_and_rule(method)
+            coverage = dict(prune_top=self.pa.coverage_prune_top, strata=self.pa.coverage_strata, seed=seed)
+            kept = keep_indices(self.scores(score, seed), fraction, keep=rule, labels=labels, **coverage)
         train = self.pool_tok if kept is None else self.pool_tok.select(kept)
         steps = self.full_steps if budget == "steps" else -1
         args = self.run_args(out, seed, max_steps=steps, save_strategy="no")

@@ -53,6 +53,7 @@ from .meta_data import example_lengths
 
 
 __all__ = [
+    "KEEP_RULES",
     "PRUNING_SCORES",
     "MetaWeightSnapshots",
     "TrainingDynamics",
@@ -124,12 +125,36 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
+KEEP_RULES = ("highest", "lowest", "coverage")
+
+
+def _coverage(scores: np.ndarray, k: int, prune_top: float, strata: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of ``k`` examples by coverage-centric selection: drop the ``prune_top`` share with the highest
+    scores, cut the rest into ``strata`` equal-width score bins, then fill the budget from the emptiest bin up, each
+    bin giving at most an equal share of what is left, drawn at random."""
+    n = len(scores)
+    drop = min(math.floor(prune_top * n), n - k)
+    rest = np.sort(_top(-scores, n - drop))  # all but the `drop` highest
+    edges = np.linspace(scores[rest].min(), scores[rest].max(), strata + 1)
+    bins = np.clip(np.searchsorted(edges, scores[rest], side="right") - 1, 0, strata - 1)
+    groups = sorted((rest[bins == b] for b in np.unique(bins)), key=len)
+    chosen, budget = [], k
+    for i, group in enumerate(groups):
+        take = min(len(group), budget // (len(groups) - i))
+        chosen.append(rng.choice(group, size=take, replace=False))
+        budget -= take
+    return np.concatenate(chosen).astype(np.int64)
+
+
 def keep_indices(
     scores: Sequence[float] | np.ndarray | torch.Tensor,
     fraction: float,
     *,
     keep: str = "highest",
     labels: Sequence[int] | np.ndarray | None = None,
+    prune_top: float = 0.1,
+    strata: int = 50,
+    seed: int = 0,
 ) -> np.ndarray:
     """Indices (ascending) of the ``round(fraction · n)`` examples to keep.
 
@@ -137,7 +162,10 @@ def keep_indices(
         scores: one score per example.
         fraction: the share of examples kept, in (0, 1].
         keep: ``"highest"`` keeps the highest scores and prunes the lowest (every score of this module: low meta
-            weight, low EL2N, low loss = prune); ``"lowest"`` keeps the lowest.
+            weight, low EL2N, low loss = prune); ``"lowest"`` keeps the lowest; ``"coverage"`` keeps examples from
+            the whole range of scores (coverage-centric selection, Zheng et al., ICLR 2023): the ``prune_top``
+            share with the highest scores (the hardest, e.g. mislabelled) goes first, then equal numbers are drawn
+            at random (``seed``) from ``strata`` equal-width score bins, the sparse bins kept whole.
         labels: class of each example: keep ``fraction`` of every class (largest remainders fill the total), so
             pruning cannot shift the class balance.
 
@@ -146,14 +174,23 @@ def keep_indices(
     scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64).reshape(-1)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if keep not in ("highest", "lowest"):
-        raise ValueError(f"keep must be 'highest' or 'lowest', got {keep!r}")
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep must be one of {KEEP_RULES}, got {keep!r}")
+    if not 0.0 <= prune_top < 1.0 or strata < 1:
+        raise ValueError(f"prune_top must be in [0, 1) and strata >= 1, got {prune_top}, {strata}")
     if np.isnan(scores).any():
         raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN; score every example before pruning")
     signed = scores if keep == "highest" else -scores
+    rng = np.random.default_rng(seed)
+
+    def select(positions: np.ndarray, k: int) -> np.ndarray:
+        if keep == "coverage":
+            return positions[_coverage(scores[positions], k, prune_top, strata, rng)] if k else positions[:0]
+        return positions[_top(signed[positions], k)]
+
     total = _num_kept(len(scores), fraction)
     if labels is None:
-        return np.sort(_top(signed, total))
+        return np.sort(select(np.arange(len(scores)), total))
     labels = np.asarray(labels).reshape(-1)
     if len(labels) != len(scores):
         raise ValueError(f"got {len(labels)} labels for {len(scores)} scores")
@@ -164,7 +201,7 @@ def keep_indices(
     # hand the rest of the total to the largest remainders (ties: the lower class)
     for i in np.lexsort((np.arange(len(classes)), -(quota - counts)))[: total - counts.sum()]:
         counts[i] += 1
-    kept = [m[_top(signed[m], k)] for m, k in zip(members, counts)]
+    kept = [select(m, k) for m, k in zip(members, counts)]
     return np.sort(np.concatenate(kept))
 
 

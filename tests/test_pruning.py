@@ -173,6 +173,25 @@ def test_keep_indices_by_hand():
         keep_indices(scores, 0.5, keep="top")
 
 
+def test_coverage_selection_by_hand():
+    scores = np.arange(10.0)  # 9 (the top 10%) goes; bins of width 8/3 over 0..8: {0, 1, 2}, {3, 4, 5}, {6, 7, 8}
+    for seed in range(5):
+        kept = keep_indices(scores, 0.5, keep="coverage", strata=3, seed=seed)
+        # the budget of 5 from the (equally full) bins in order: 5 // 3 = 1, then 4 // 2 = 2, then 2
+        assert [sum(k in b for k in kept) for b in ({0, 1, 2}, {3, 4, 5}, {6, 7, 8})] == [1, 2, 2]
+        assert 9 not in kept
+    # a sparse bin is kept whole; the dense one gives the rest
+    scores = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 10.0, 100.0])  # 100 goes, bins over 0..10: [0, 5), [5, 10]
+    kept = keep_indices(scores, 0.5, keep="coverage", strata=2, prune_top=0.125, seed=0)
+    assert 6 in kept and 7 not in kept and len(kept) == 4
+    # seeded; the class quotas hold; prune_top 0 and one bin = a uniform draw of the budget
+    a, b = (keep_indices(np.arange(40.0), 0.3, keep="coverage", seed=1, labels=[0, 1] * 20) for _ in range(2))
+    assert a.tolist() == b.tolist() and sum(i % 2 == 0 for i in a) == 6 and len(a) == 12
+    assert len(keep_indices(np.arange(20.0), 0.95, keep="coverage", prune_top=0.0, strata=1)) == 19
+    with pytest.raises(ValueError, match="prune_top"):
+        keep_indices(scores, 0.5, keep="coverage", prune_top=1.0)
+
+
 class ManualScores(TrainerCallback):
     """EL2N and cross-entropy of every example by a forward pass of that example alone (no padding) at the given
     steps (the oracle)."""
@@ -312,7 +331,7 @@ def _run_recipe(data_dir: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, str(ROOT / "recipes" / "data_pruning.py"), "--dataset_dir", str(data_dir),
         "--dataset_name", "synthetic", "--model_name_or_path", "tiny-bert", "--max_seq_length", "16",
-        "--methods", "sama,el2n,random,sama_easy", "--fractions", "1.0,0.5", "--seeds", "0,1",
+        "--methods", "sama,el2n,random,sama_easy,el2n_coverage", "--fractions", "1.0,0.5", "--seeds", "0,1",
         "--budgets", "epochs,steps",
         "--score_epochs", "2", "--score_last_epochs", "1", "--num_train_epochs", "1", "--el2n_checkpoints", "2",
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--unroll_steps", "2",
@@ -331,7 +350,7 @@ def test_recipe_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = [json.loads(p.read_text()) for p in sorted(out.glob("runs/**/results.json"))]
-    assert len(results) == 2 + 4 * 2 * 2  # full pool per seed; 4 methods x 2 budgets x 2 seeds at keep 0.5
+    assert len(results) == 2 + 5 * 2 * 2  # full pool per seed; 5 methods x 2 budgets x 2 seeds at keep 0.5
     by = {(r["method"], r["budget"], r["seed"]): r for r in results}
     for seed in (0, 1):
         full = by[("full", "both", seed)]
@@ -349,6 +368,9 @@ def test_recipe_end_to_end(tmp_path):
     top, bottom = keep_indices(scores, 0.5, labels=labels), keep_indices(-scores, 0.5, labels=labels)
     assert by[("sama", "epochs", 0)]["kept_example_ids"] == top.tolist()
     assert by[("sama_easy", "epochs", 0)]["kept_example_ids"] == bottom.tolist()  # the other half of each class
+    el2n_scores = read_scores(out / "scores/el2n/seed1/scores.jsonl")
+    coverage = keep_indices(el2n_scores, 0.5, keep="coverage", labels=labels, prune_top=0.1, strata=50, seed=1)
+    assert by[("el2n_coverage", "steps", 1)]["kept_example_ids"] == coverage.tolist()
     for method in ("sama", "el2n", "loss"):
         timing = json.loads((out / f"scores/{method}/seed1/scoring.json").read_text())
         assert timing["train_wall_s"] > 0 and timing["train_cpu_s"] > 0
