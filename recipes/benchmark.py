@@ -520,6 +520,8 @@ def environment(threads: int | None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": threads or torch.get_num_threads(),
         "load_average_1m_start": os.getloadavg()[0],
+        # glibc allocator settings the runs inherit (e.g. MALLOC_TRIM_THRESHOLD_: freed memory kept, not re-faulted)
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)

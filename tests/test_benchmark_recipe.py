@@ -28,10 +28,12 @@ TINY = ["--model_config", "tiny", "--seq_len", "16", "--batch_size", "4", "--thr
 TINY_SPEC = {"model_config": "tiny", "seq_len": 16, "batch_size": 4, "threads": 1, "learning_rate": 1e-3, "seed": 0}
 
 
-def run_cli(tmp_path, script: str, *args: str) -> tuple[dict, str]:
+def run_cli(tmp_path, script: str, *args: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
     out, md = tmp_path / "report.json", tmp_path / "report.md"
     cmd = [sys.executable, str(RECIPES / script), *TINY, *args, "--output", str(out), "--markdown", str(md)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), md.read_text()
 
@@ -39,8 +41,9 @@ def run_cli(tmp_path, script: str, *args: str) -> tuple[dict, str]:
 def test_benchmark_writes_json_and_markdown_with_meta_steps_timed(tmp_path):
     report, md = run_cli(
         tmp_path, "benchmark.py", "--methods", "finetune,sama", "--steps", "2", "--unroll_steps", "2",
-        "--warmup_steps", "0", "--repeats", "1",
+        "--warmup_steps", "0", "--repeats", "1", env={"MALLOC_TRIM_THRESHOLD_": "1073741824"},
     )  # fmt: skip
+    assert report["environment"]["malloc_env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"  # recorded with the numbers
     cfg = report["config"]
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["seq_len"], cfg["batch_size"]) == (2, 32, 16, 4)
     assert (cfg["steps"], cfg["unroll_steps"], cfg["warmup_steps"]) == (2, 2, 0)
