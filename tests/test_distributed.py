@@ -84,6 +84,22 @@ def test_communication_per_meta_step(ddp_results):
 
 
 @pytest.mark.distributed
+def test_pruning_scores_gather_every_ranks_draws(ddp_results):
+    ranks, _ = ddp_results
+    # by hand: the last of 2 epochs is the second half of each rank's draws; every example is drawn by one rank
+    sums, counts = {}, {}
+    for rank in ranks:
+        calls = rank["pruning"]["draws"]
+        for ids, weights in calls[len(calls) // 2 :]:
+            for i, w in zip(ids, weights):
+                sums[i], counts[i] = sums.get(i, 0.0) + w, counts.get(i, 0) + 1
+    assert sorted(counts) == list(range(32)) and set(counts.values()) == {1}
+    expected = [sums[i] for i in range(32)]
+    for rank in ranks:
+        assert rank["pruning"]["scores"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.distributed
 def test_wrench_recipe_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     """The shipped multi-CPU accelerate config really starts 2 ranks, and the recipe writes its outputs once."""
     from datasets import load_dataset

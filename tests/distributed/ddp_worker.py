@@ -17,8 +17,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import sama_args, tiny_bert, token_dataset  # noqa: E402
 
-from sama_trainer import SAMATrainer  # noqa: E402
+from sama_trainer import ClassificationObjective, SAMATrainer  # noqa: E402
 from sama_trainer.losses import per_example_cross_entropy  # noqa: E402
+from sama_trainer.pruning import meta_importance_scores, with_example_ids  # noqa: E402
 
 
 def digest(tensors) -> str:
@@ -126,6 +127,38 @@ def run(out_dir, name, counter, check_estimator=False, **overrides):
     return result
 
 
+class RecordingObjective(ClassificationObjective):
+    """Logs the ids and weights of this rank's base steps (not of the meta step's perturbed passes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self._base = [], False
+
+    def base_losses(self, model, inputs):
+        self._base = True
+        return super().base_losses(model, inputs)
+
+    def weighted_loss(self, meta_model, examples):
+        loss, weights = super().weighted_loss(meta_model, examples)
+        if self._base:
+            self.calls.append((examples.example_ids.tolist(), weights.detach().double().tolist()))
+            self._base = False
+        return loss, weights
+
+
+def run_pruning(out_dir):
+    """Pruning scores with the training set as meta set: 2 epochs, each rank drawing its shard of every epoch."""
+    train = with_example_ids(token_dataset(32, noise=0.3, seed=1).remove_columns(["clean_labels"]))
+    args = sama_args(
+        os.path.join(out_dir, "pruning"), per_device_train_batch_size=4, max_steps=-1, num_train_epochs=2,
+        meta_use_uncertainty=True, logging_steps=100,
+    )  # fmt: skip
+    objective = RecordingObjective()
+    trainer = SAMATrainer(tiny_bert(dropout=0.0), args, train, meta_dataset=train, objective=objective)
+    trainer.train()
+    return {"draws": objective.calls, "scores": meta_importance_scores(trainer, last_epochs=1).tolist()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -144,6 +177,7 @@ def main():
         "restore": run(args.out, "restore", counter, check_estimator=True, sama_base_update=False),
         "adaptive": run(args.out, "adaptive", counter, meta_gradient="sama", meta_objective="reweight+correct"),
         "base_only": run(args.out, "base_only", counter, meta_warmup_steps=100),
+        "pruning": run_pruning(args.out),
     }
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
