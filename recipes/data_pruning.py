@@ -46,6 +46,7 @@ from sama_trainer.data import load_cosine, load_wrench  # noqa: E402
 from sama_trainer.model_card import CardMetric, build_model_card  # noqa: E402
 from sama_trainer.pretrained import TINY_BERT, build_word_tokenizer, load_classifier, load_pretrained_tokenizer  # noqa: E402
 from sama_trainer.pruning import (  # noqa: E402
+    PRUNING_SCORES,
     MetaWeightSnapshots,
     TrainingDynamics,
     keep_indices,
@@ -123,7 +124,7 @@ class Experiment:
     """The data, model and arguments every run of the sweep shares."""
 
     def __init__(self, pa: PruningArguments, args: SAMAConfig):
-        unknown = [m for m in pa.methods.split(",") if score_and_rule(m)[0] not in ("sama", "el2n", "loss", "random")]
+        unknown = [m for m in pa.methods.split(",") if score_and_rule(m)[0] not in PRUNING_SCORES]
         if unknown:
             raise ValueError(
                 f"unknown --methods {unknown}: sama, el2n, loss or random, each optionally with _easy or _coverage"
