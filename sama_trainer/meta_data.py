@@ -17,6 +17,16 @@ def example_lengths(dataset: Any) -> list[int] | None:
         return None
 
 
+def longest_first(lengths: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+    """``(order, position)``: the row indices sorted by length, longest first (to run forward passes over batches of
+    similar length), and the position of every row in that order, so ``torch.cat(outputs)[position]`` puts outputs
+    computed in ``order`` back in the rows' order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    position = torch.empty(len(order), dtype=torch.long)
+    position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return order, position
+
+
 class MetaBatchStream:
     """Cycles through ``dataset`` in shuffled epochs, each rank taking its own shard (as ``DistributedSampler``).
 

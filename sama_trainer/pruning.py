@@ -49,7 +49,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoint import atomic_save
-from .meta_data import example_lengths
+from .meta_data import example_lengths, longest_first
 
 
 __all__ = [
@@ -219,8 +219,7 @@ def predict_in_order(
 
     if trainer.args.remove_unused_columns and hasattr(dataset, "remove_columns"):
         dataset = trainer._remove_unused_columns(dataset, description="prediction")
-    lengths = example_lengths(dataset)
-    order = list(range(len(dataset))) if lengths is None else sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    order, position = longest_first(example_lengths(dataset) or [0] * len(dataset))  # no input_ids: dataset order
     loader = DataLoader(
         dataset,
         batch_size=batch_size or trainer.args.per_device_eval_batch_size,
@@ -241,10 +240,7 @@ def predict_in_order(
             labels.append(batch_labels.detach().long().cpu().reshape(-1))
     finally:
         model.train(was_training)
-    in_sorted_order = torch.cat(logits), torch.cat(labels)
-    position = torch.empty(len(order), dtype=torch.long)  # of each dataset row among the sorted rows
-    position[torch.tensor(order)] = torch.arange(len(order))
-    return in_sorted_order[0][position], in_sorted_order[1][position]
+    return torch.cat(logits)[position], torch.cat(labels)[position]
 
 
 class _Snapshots(TrainerCallback):

@@ -27,7 +27,7 @@ from .adaptation import check_adaptation_supported, unwrap_optimizer
 from .checkpoint import META_STATE_NAME, atomic_save, rank_state_name, resolve_resume_checkpoint
 from .distributed import RankAgreement, all_reduce_mean_, apply_ddp_timeout
 from .losses import soft_cross_entropy
-from .meta_data import MetaBatchStream, example_lengths, length_chunks, mean_over_chunks
+from .meta_data import MetaBatchStream, example_lengths, length_chunks, longest_first, mean_over_chunks
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
 from .meta_nets import save_meta_model
 from .model_card import sama_card_section, save_trainer_card
@@ -510,10 +510,8 @@ class SAMATrainer(Trainer):
         if lengths is None:
             yield from plain()
             return
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        order, position = longest_first(lengths)
         parts = [self.objective.example_losses(self.model, self._prepare_inputs(b)) for b in loader(order)]
-        position = torch.empty(len(order), dtype=torch.long)  # of each dataset row in the sorted passes
-        position[torch.tensor(order)] = torch.arange(len(order))
         fields = {}
         for name in (f.name for f in dataclasses.fields(ExampleLosses)):
             values = [getattr(part, name) for part in parts]

@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 from transformers import BertForSequenceClassification
 
-from sama_trainer import SAMAConfig
+from sama_trainer import ClassificationObjective, SAMAConfig
 from sama_trainer.pretrained import tiny_bert_classifier
 
 
@@ -75,3 +75,23 @@ def train_and_meta(n_train: int = 64, n_meta: int = 16) -> tuple[Dataset, Datase
     train = token_dataset(n_train, noise=0.3, seed=1).remove_columns(["clean_labels"])
     meta = token_dataset(n_meta, seed=2).remove_columns(["clean_labels"])
     return train, meta
+
+
+class RecordingObjective(ClassificationObjective):
+    """Logs the ids and weights of every base step (not of the meta step's perturbed passes) in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[list[int], list[float]]] = []
+        self._base = False
+
+    def base_losses(self, model, inputs):
+        self._base = True
+        return super().base_losses(model, inputs)
+
+    def weighted_loss(self, meta_model, examples):
+        loss, weights = super().weighted_loss(meta_model, examples)
+        if self._base:
+            self.calls.append((examples.example_ids.tolist(), weights.detach().double().tolist()))
+            self._base = False
+        return loss, weights

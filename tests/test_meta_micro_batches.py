@@ -11,7 +11,7 @@ from datasets import Dataset
 from helpers import sama_args, tiny_bert, token_dataset
 
 from sama_trainer import SAMATrainer
-from sama_trainer.meta_data import length_chunks, split_points
+from sama_trainer.meta_data import length_chunks, longest_first, split_points
 
 
 def _pad(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -135,3 +135,12 @@ def test_meta_micro_batch_size_must_be_positive(tmp_path):
 def test_meta_pass_overhead_tokens_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="meta_pass_overhead_tokens must be >= 0"):
         sama_args(tmp_path, meta_pass_overhead_tokens=-1)
+
+
+def test_longest_first_puts_outputs_back_in_row_order():
+    lengths = [3, 7, 1, 7, 5]
+    order, position = longest_first(lengths)
+    assert order == [1, 3, 4, 0, 2]  # longest first, ties in row order
+    outputs = torch.tensor([float(lengths[i] * 10 + i) for i in order])  # computed in `order`
+    assert outputs[position].tolist() == [30.0, 71.0, 12.0, 73.0, 54.0]
+    assert longest_first([0, 0, 0])[0] == [0, 1, 2]

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import pad_batch, sama_args, tiny_bert, token_dataset
+from helpers import RecordingObjective, pad_batch, sama_args, tiny_bert, token_dataset
 from transformers import Trainer, TrainerCallback
 
-from sama_trainer import ClassificationObjective, SAMATrainer
+from sama_trainer import SAMATrainer
 from sama_trainer.data import make_synthetic_weak_supervision, write_wrench_format
 from sama_trainer.pruning import (
     MetaWeightSnapshots,
@@ -33,26 +33,6 @@ from sama_trainer.pruning import (
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class RecordingObjective(ClassificationObjective):
-    """Logs the ids and weights of every base step (not of the meta step's perturbed passes) in call order."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[list[int], list[float]]] = []
-        self._base = False
-
-    def base_losses(self, model, inputs):
-        self._base = True
-        return super().base_losses(model, inputs)
-
-    def weighted_loss(self, meta_model, examples):
-        loss, weights = super().weighted_loss(meta_model, examples)
-        if self._base:
-            self.calls.append((examples.example_ids.tolist(), weights.detach().double().tolist()))
-            self._base = False
-        return loss, weights
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import sama_args, tiny_bert, token_dataset  # noqa: E402
+from helpers import RecordingObjective, sama_args, tiny_bert, token_dataset  # noqa: E402
 
-from sama_trainer import ClassificationObjective, SAMATrainer  # noqa: E402
+from sama_trainer import SAMATrainer  # noqa: E402
 from sama_trainer.losses import per_example_cross_entropy  # noqa: E402
 from sama_trainer.pruning import meta_importance_scores, with_example_ids  # noqa: E402
 
@@ -125,25 +125,6 @@ def run(out_dir, name, counter, check_estimator=False, **overrides):
         result["local_vs_mean_rel"] = ((local - expected).norm() / expected.norm()).item()
     counter.calls = counter.bytes = 0
     return result
-
-
-class RecordingObjective(ClassificationObjective):
-    """Logs the ids and weights of this rank's base steps (not of the meta step's perturbed passes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls, self._base = [], False
-
-    def base_losses(self, model, inputs):
-        self._base = True
-        return super().base_losses(model, inputs)
-
-    def weighted_loss(self, meta_model, examples):
-        loss, weights = super().weighted_loss(meta_model, examples)
-        if self._base:
-            self.calls.append((examples.example_ids.tolist(), weights.detach().double().tolist()))
-            self._base = False
-        return loss, weights
 
 
 def run_pruning(out_dir):
