@@ -10,9 +10,11 @@ import torch
 
 def example_lengths(dataset: Any) -> list[int] | None:
     """The number of tokens of every example (its ``input_ids``), or None when the dataset has no such column."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return [len(ids) for ids in dataset["input_ids"]] if "input_ids" in names else None
     try:
-        column = dataset["input_ids"] if hasattr(dataset, "column_names") else [e["input_ids"] for e in dataset]
-        return [len(ids) for ids in column]
+        return [len(e["input_ids"]) for e in dataset]
     except (KeyError, TypeError, IndexError):
         return None
 

@@ -334,10 +334,9 @@ class TrainingDynamics(_Snapshots):
         logits, labels = predict_in_order(self.trainer, self.dataset)
         if logits.ndim != 2 or labels.shape != (logits.shape[0],):
             raise ValueError("TrainingDynamics needs class logits [N, C] and class-id labels [N] from the model")
-        labels = labels.numpy()
         log_probs = torch.log_softmax(logits.double(), dim=-1)
-        self.el2n_records.append(el2n(log_probs.exp().numpy(), labels))
-        self.loss_records.append(-log_probs[torch.arange(len(labels)), torch.as_tensor(labels)].numpy())
+        self.el2n_records.append(el2n(log_probs.exp().numpy(), labels.numpy()))
+        self.loss_records.append(-log_probs[torch.arange(len(labels)), labels].numpy())
 
     def el2n_scores(self) -> np.ndarray:
         """Mean EL2N of every example over the recorded points (high = hard = keep)."""

@@ -286,9 +286,12 @@ class SAMATrainer(Trainer):
             args, dataset = self.args, self.meta_dataset
             if args.remove_unused_columns and hasattr(dataset, "remove_columns"):
                 dataset = self._remove_unused_columns(dataset, description="meta")
-            lengths = None
-            if args.meta_batches_grouped_by_length:
-                lengths = [len(example["input_ids"]) for example in dataset]
+            lengths = example_lengths(dataset) if args.meta_batches_grouped_by_length else None
+            if args.meta_batches_grouped_by_length and lengths is None:
+                raise ValueError(
+                    "meta batches grouped by length need an 'input_ids' column in meta_dataset; "
+                    "set meta_group_by_length=False to draw them in random order"
+                )
             self._meta_stream = MetaBatchStream(
                 dataset,
                 args.meta_batch_size or args.per_device_train_batch_size,

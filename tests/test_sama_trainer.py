@@ -363,3 +363,11 @@ def test_base_update_follows_the_learning_rate_schedule(tmp_path, monkeypatch, f
     # meta steps after optimizer steps 2, 4, 6, 8; linear decay: step k used lr0 · (1 - (k - 1) / 8)
     expected = [1 - (k - 1) / 8 for k in (2, 4, 6, 8)] if follows_lr else [1.0] * 4
     assert scales == pytest.approx(expected)
+
+
+def test_meta_batches_grouped_by_length_without_input_ids_name_the_fix(tmp_path):
+    train, meta = datasets()
+    args = make_args(tmp_path, meta_group_by_length=True)
+    trainer = SAMATrainer(tiny_bert(), args, train, meta.rename_column("input_ids", "tokens"))
+    with pytest.raises(ValueError, match="meta_group_by_length=False"):
+        trainer._meta_batches()
