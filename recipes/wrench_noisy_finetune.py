@@ -50,7 +50,6 @@ from sama_trainer.data.preparation import (
     hold_out_valid_half,
     load_wrench_from_hub,
     prepare_task,
-    stratified_part,
 )
 from sama_trainer.diagnostics import weight_diagnostics
 from sama_trainer.model_card import CardMetric, build_model_card
@@ -123,6 +122,13 @@ class ScriptArguments:
         metadata={
             "help": "SAMA's meta set: this class-stratified fraction of the clean set (the clean phase of "
             "sama_rc_clean still trains on all of it, so the rest is new to the model there)."
+        },
+    )
+    held_out_base_update: bool = field(
+        default=False,
+        metadata={
+            "help": "Size SAMA's base update by the loss of the clean examples --meta_fraction holds out of the "
+            "meta set (grows while it lowers their loss, shrinks when it does not)."
         },
     )
     tune_on_valid_fold: int | None = field(
@@ -240,7 +246,10 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         model,
         args,
         main_training_set(spec, task),
-        meta_dataset=meta_set(task, script_args, args.seed) if spec.sama else None,
+        meta_dataset=task.clean_tok if spec.sama else None,
+        meta_fraction=script_args.meta_fraction if spec.sama else 1.0,
+        held_out_base_update=spec.sama and script_args.held_out_base_update,
+        split_seed=args.seed,
         clean_dataset=task.clean_as_train_tok if spec.clean_after else None,
         mode=script_args.sama_clean_mode if method == "sama_rc_clean" else "continue",
         clean_steps=script_args.clean_steps,
@@ -283,6 +292,8 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         results.update(meta_steps=trainer.meta_step_count, meta_steps_skipped=trainer.meta_steps_skipped)
         results["sama_clean_mode"] = script_args.sama_clean_mode if method == "sama_rc_clean" else None
         results.update(meta_fraction=script_args.meta_fraction, num_meta=len(trainer.meta_dataset))
+        results.update(held_out_base_update=script_args.held_out_base_update)
+        results.update(base_update_scale=trainer.base_update_scale)
         results.update(weight_diagnostics(weights, task.train["weak_label"], task.train["label"], task.label_names))
         for given, to in results.get("relabelled_classes", {}).items():
             hint = "try --correction_mix_noisy 0.5 (keeps the given class) or sama_r"
@@ -292,13 +303,6 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
     if args.process_index == 0:
         write_outputs(results, trainer, task, weights or None, base_model, output_dir)
     return results
-
-
-def meta_set(task: WeakSupervisionTask, script_args: ScriptArguments, seed: int) -> Any:
-    """The clean set, or with ``--meta_fraction`` below 1 a class-stratified part of it (seeded by the run's seed)."""
-    if script_args.meta_fraction >= 1.0:
-        return task.clean_tok
-    return task.clean_tok.select(stratified_part(task.clean["label"], script_args.meta_fraction, seed).tolist())
 
 
 def main_training_set(spec: Method, task: WeakSupervisionTask) -> Any:
@@ -424,6 +428,8 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
         raise ValueError(
             f"--meta_fraction must be in (0, 1] (got {script_args.meta_fraction}); 1 uses the whole clean set"
         )
+    if script_args.held_out_base_update and script_args.meta_fraction >= 1.0:
+        raise ValueError("--held_out_base_update needs clean examples out of the meta set: add --meta_fraction 0.5")
     if script_args.log_file:
         log_to_file(script_args.log_file)
     if script_args.num_threads:

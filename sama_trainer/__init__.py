@@ -4,6 +4,7 @@ from .adaptation import UnsupportedOptimizerError, adaptation_diagonal, register
 from .callbacks import SAMACallback
 from .checkpoint import IncompleteCheckpointError
 from .distributed import MetaStepFailedOnAnotherRank
+from .held_out_base_update import HeldOutBaseUpdate
 from .meta_gradient import MetaGradients, available_methods, meta_gradient, register_method
 from .meta_nets import (
     BootstrapCorrectionNet,
@@ -26,6 +27,7 @@ __all__ = [
     "BootstrapCorrectionNet",
     "ClassificationObjective",
     "ExampleLosses",
+    "HeldOutBaseUpdate",
     "IncompleteCheckpointError",
     "LabelCorrectionNet",
     "MetaGradients",

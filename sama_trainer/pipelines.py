@@ -1,6 +1,6 @@
 """Training pipelines over noisy data and a clean set: plain fine-tuning (hard or soft labels), continuing a trained
 model on another dataset, and :func:`fit_with_clean_set`, which uses the clean set both as SAMA's meta set and for
-training (after, before or mixed into the main phase)."""
+training (after, before or mixed into the main phase), optionally holding part of it out of the meta set."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -25,6 +26,7 @@ __all__ = [
     "default_continue_steps",
     "fit_with_clean_set",
     "plain_trainer",
+    "split_meta_set",
 ]
 
 
@@ -109,6 +111,26 @@ def _mixed(train_dataset: Any, clean_dataset: Any, copies: int, id_column: str |
     return concatenate_datasets(parts)
 
 
+def split_meta_set(meta_dataset: Any, fraction: float, seed: int = 0) -> tuple[Any, Any]:
+    """(meta part, held-out rest) of ``meta_dataset``: within each class (its ``labels`` or ``label`` column) a
+    seeded ``round(fraction · n_c)`` of the class's rows, at least one, and the other rows; ``(meta_dataset, None)``
+    for ``fraction`` 1."""
+    from .data.preparation import stratified_part
+
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"meta_fraction must be in (0, 1] (got {fraction}); 1 uses the whole meta set")
+    if fraction == 1.0:
+        return meta_dataset, None
+    column = next((c for c in ("labels", "label") if c in meta_dataset.column_names), None)
+    if column is None:
+        raise ValueError("meta_fraction < 1 stratifies by class: the meta set needs a 'labels' or 'label' column")
+    part = stratified_part(meta_dataset[column], fraction, seed)
+    rest = np.setdiff1d(np.arange(len(meta_dataset)), part)
+    if len(rest) == 0:
+        raise ValueError(f"meta_fraction {fraction} leaves no example of the {len(meta_dataset)} out of the meta set")
+    return meta_dataset.select(part.tolist()), meta_dataset.select(rest.tolist())
+
+
 def fit_with_clean_set(
     model: nn.Module,
     args: TrainingArguments,
@@ -120,6 +142,9 @@ def fit_with_clean_set(
     clean_steps: int | None = None,
     clean_learning_rate: float | None = None,
     clean_upsample: int = 1,
+    meta_fraction: float = 1.0,
+    held_out_base_update: bool = False,
+    split_seed: int = 0,
     soft_labels: bool = False,
     prepare: Callable[[Trainer], Any] | None = None,
     after_main: Callable[[Trainer], Any] | None = None,
@@ -132,12 +157,27 @@ def fit_with_clean_set(
     by ``mode``: ``"continue"`` (fine-tune on it after the main phase, ``clean_steps`` steps, default 3 epochs),
     ``"warm_start"`` (before it) or ``"mix"`` (its rows, repeated ``clean_upsample`` times, join the training set).
     ``meta_dataset`` (usually the same clean examples with their labels) makes the main phase a
-    :class:`~sama_trainer.SAMATrainer` run (``args`` must then be a ``SAMAConfig``). ``prepare`` is called on each
-    trainer before it trains (e.g. to change its callbacks), ``after_main`` on the main phase's trainer right after
-    it (e.g. to read the learned weights before the clean phase changes the model). Returns the phases in order.
+    :class:`~sama_trainer.SAMATrainer` run (``args`` must then be a ``SAMAConfig``). With ``meta_fraction`` below 1
+    SAMA's meta set is a class-stratified part of ``meta_dataset`` (seeded by ``split_seed``); the rest is held out
+    of the main phase, so the clean phase still has examples the model has not fitted, and with
+    ``held_out_base_update`` it sizes SAMA's base update (:class:`~sama_trainer.HeldOutBaseUpdate`). ``prepare``
+    is called on each trainer before it trains (e.g. to change its callbacks), ``after_main`` on the main phase's
+    trainer right after it (e.g. to read the learned weights before the clean phase changes the model). Returns the
+    phases in order.
     """
     if mode not in CLEAN_SET_MODES:
         raise ValueError(f"mode must be one of {CLEAN_SET_MODES}, got {mode!r}")
+    trainer_kwargs["callbacks"] = callbacks = list(trainer_kwargs.get("callbacks") or [])
+    if meta_dataset is not None:
+        meta_dataset, held_out = split_meta_set(meta_dataset, meta_fraction, split_seed)
+        if held_out_base_update:
+            if held_out is None:
+                raise ValueError("held_out_base_update=True needs clean examples held out: set meta_fraction below 1")
+            from .held_out_base_update import HeldOutBaseUpdate
+
+            callbacks.append(HeldOutBaseUpdate(held_out, seed=split_seed))
+    elif meta_fraction < 1.0 or held_out_base_update:
+        raise ValueError("meta_fraction and held_out_base_update split the meta set: pass meta_dataset=...")
     phases: list[Phase] = []
 
     def run(name: str, trainer: Trainer) -> Trainer:
@@ -161,9 +201,10 @@ def fit_with_clean_set(
     if meta_dataset is not None:
         from .sama_trainer import SAMATrainer
 
-        main = run("main", SAMATrainer(model, args, train_dataset, meta_dataset=meta_dataset, **trainer_kwargs))
+        main_trainer = SAMATrainer(model, args, train_dataset, meta_dataset=meta_dataset, **trainer_kwargs)
     else:
-        main = run("main", plain_trainer(model, args, train_dataset, soft_labels, **trainer_kwargs))
+        main_trainer = plain_trainer(model, args, train_dataset, soft_labels, **trainer_kwargs)
+    main = run("main", main_trainer)
     if after_main is not None:
         after_main(main)
     if clean_dataset is not None and mode == "continue":

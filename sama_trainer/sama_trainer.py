@@ -163,6 +163,8 @@ class SAMATrainer(Trainer):
         self.meta_step_count = 0
         self.meta_steps_skipped = 0
         self.skip_reasons: dict[str, int] = defaultdict(int)
+        # multiplies the base update θ ← θ - scale·εu of every meta step (sama_base_update); callbacks may set it
+        self.base_update_scale = 1.0
         self.weight_history = WeightHistory.for_dataset(train_dataset, args.example_id_column)
         opt = kwargs.get("optimizers", (None, None))[0]
         if opt is not None:
@@ -366,7 +368,13 @@ class SAMATrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, event):
                 getattr(callback, event)(
-                    self.args, self.state, self.control, model=self.model, meta_model=self.meta_model, **kwargs
+                    self.args,
+                    self.state,
+                    self.control,
+                    model=self.model,
+                    meta_model=self.meta_model,
+                    trainer=self,
+                    **kwargs,
                 )
 
     def meta_step(self, base_batches: list[dict]) -> MetaGradients:
@@ -411,8 +419,9 @@ class SAMATrainer(Trainer):
             base_step_hook=(lambda step: all_reduce_mean_(step, args.world_size)) if args.world_size > 1 else None,
             **self._loss_scale_option(),
         )
-        if args.sama_base_update and args.sama_base_update_follows_lr:
-            options["base_update_scale"] = self._lr_ratio()
+        if args.sama_base_update:
+            follows_lr = self._lr_ratio() if args.sama_base_update_follows_lr else 1.0
+            options["base_update_scale"] = self.base_update_scale * follows_lr
         options.update(args.meta_gradient_kwargs or {})  # the user's options win (e.g. consume_grads=False)
         was_training = model.training
         model.train()
@@ -456,6 +465,22 @@ class SAMATrainer(Trainer):
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
         self._call_meta_event("on_meta_step", metrics=dict(grads.stats))
+
+    @torch.no_grad()
+    def meta_loss_of(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The objective's meta loss (on clean labels) of one collated ``batch`` at the current θ, without dropout and
+        without a graph: e.g. the loss of held-out clean examples before and after a meta step."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            return self.objective.meta_loss(model, dict(self._prepare_inputs(batch))).detach().float()
+        finally:
+            model.train(was_training)
+
+    def record_meta_metric(self, name: str, value: float) -> None:
+        """Average ``value`` into the next training log as ``meta/<name>`` (as the meta step's own statistics)."""
+        self._meta_metrics[name].append(float(value))
 
     # ------------------------------------------------------------------------------------------------------------
     # analysis helpers
@@ -571,6 +596,7 @@ class SAMATrainer(Trainer):
             "meta_step_count": self.meta_step_count,
             "meta_steps_skipped": self.meta_steps_skipped,
             "skip_reasons": dict(self.skip_reasons),
+            "base_update_scale": self.base_update_scale,
             "world_size": self.args.world_size,
         }
 
@@ -584,6 +610,7 @@ class SAMATrainer(Trainer):
         self.meta_step_count = int(state["meta_step_count"])
         self.meta_steps_skipped = int(state["meta_steps_skipped"])
         self.skip_reasons = defaultdict(int, state.get("skip_reasons", {}))
+        self.base_update_scale = float(state.get("base_update_scale", 1.0))
         if rank_state is None:
             return
         self.weight_history.load_state_dict(rank_state["weight_history"], self.args.device)

@@ -18,7 +18,14 @@ import pytest
 from datasets import load_dataset
 from huggingface_hub import ModelCard
 
-from sama_trainer import BootstrapCorrectionNet, MetaWeightNet, SAMAConfig, SAMAParser, load_meta_model
+from sama_trainer import (
+    BootstrapCorrectionNet,
+    HeldOutBaseUpdate,
+    MetaWeightNet,
+    SAMAConfig,
+    SAMAParser,
+    load_meta_model,
+)
 from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_weak_supervision, write_wrench_format
 from sama_trainer.data.preparation import hold_out_valid_half, load_wrench_from_hub, stratified_part
 
@@ -161,11 +168,14 @@ def test_meta_fraction_gives_sama_part_of_the_clean_set_and_the_clean_phase_all_
     original = recipe.fit_with_clean_set
 
     def recording(model, args, train_dataset, **kwargs):
-        seen["meta"] = [tuple(r) for r in kwargs["meta_dataset"]["input_ids"]]
-        seen["meta_labels"] = list(kwargs["meta_dataset"]["labels"])
-        seen["clean"] = [tuple(r) for r in kwargs["clean_dataset"]["input_ids"]]
-        seen["train"] = {tuple(r) for r in train_dataset["input_ids"]}
-        return original(model, args, train_dataset, **kwargs)
+        phases = original(model, args, train_dataset, **kwargs)
+        main, clean = (p.trainer for p in phases)
+        seen["meta"] = [tuple(r) for r in main.meta_dataset["input_ids"]]
+        seen["meta_labels"] = list(main.meta_dataset["labels"])
+        sizers = [c for c in main.callback_handler.callbacks if isinstance(c, HeldOutBaseUpdate)]
+        seen["held_out"] = [tuple(r) for s in sizers for r in s.held_out_dataset["input_ids"]]
+        seen["clean"] = [tuple(r) for r in clean.train_dataset["input_ids"]]
+        return phases
 
     monkeypatch.setattr(recipe, "fit_with_clean_set", recording)
     (result,) = _run(
@@ -175,7 +185,15 @@ def test_meta_fraction_gives_sama_part_of_the_clean_set_and_the_clean_phase_all_
     assert result["num_clean"] == 12 and result["num_meta"] == 6 and result["meta_fraction"] == 0.5
     assert sorted(seen["meta_labels"]) == [0, 0, 0, 1, 1, 1]  # half of each class
     assert len(seen["clean"]) == 12 and set(seen["meta"]) < set(seen["clean"])  # the clean phase sees all of it
-    assert result["train_steps"] == 4 + 3
+    assert result["train_steps"] == 4 + 3 and seen["held_out"] == [] and result["base_update_scale"] == 1.0
+    (result,) = _run(
+        recipe, wrench_dir, tmp_path / "sized", "--method", "sama_rc_clean", "--clean_per_class", "6",
+        "--meta_fraction", "0.5", "--held_out_base_update", "true", "--clean_steps", "3", "--save_model", "false",
+    )  # fmt: skip
+    assert result["held_out_base_update"] and result["num_meta"] == 6
+    assert sorted(seen["held_out"] + seen["meta"]) == sorted(seen["clean"])  # the other half checks the base update
+    with pytest.raises(ValueError, match="add --meta_fraction 0.5"):
+        _run(recipe, wrench_dir, tmp_path / "bad", "--method", "sama_r", "--held_out_base_update", "true")
     with pytest.raises(ValueError, match="--meta_fraction must be in"):
         _run(recipe, wrench_dir, tmp_path / "bad", "--method", "sama_r", "--meta_fraction", "1.5")
 
