@@ -35,6 +35,7 @@ RECIPES = Path(__file__).resolve().parent
 RESULTS_MARKER = "wrench-table"  # default block of --results_md: <!-- wrench-table --> ... <!-- /wrench-table -->
 RECIPE = RECIPES / "wrench_noisy_finetune.py"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+DEFAULT_DATASETS = "youtube,sms,trec,chemprot"
 DEFAULT_METHODS = "finetune,finetune_clean,clean_only,cft,sama_na_r,sama_r,sama_rc,sama_rc_clean"
 
 
@@ -271,8 +272,9 @@ def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | Non
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="youtube,sms,trec,chemprot")
-    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    collected = "with --collect_only: all there are"
+    parser.add_argument("--datasets", default=None, help=f"comma list (default {DEFAULT_DATASETS}; {collected})")
+    parser.add_argument("--methods", default=None, help=f"comma list (default {DEFAULT_METHODS}; {collected})")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clean_per_class", default="10,all", help="comma list of K; 'all' = the whole valid split")
     parser.add_argument("--output_root", default="outputs/wrench_table")
@@ -300,6 +302,10 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("extra", nargs="*", help="flags passed to every run (after --)")
     args = parser.parse_args(argv)
+    # the table and plot show the datasets and methods asked for; with --collect_only and none asked, all there are
+    wanted_datasets = None if args.collect_only and args.datasets is None else args.datasets or DEFAULT_DATASETS
+    wanted_methods = None if args.collect_only and args.methods is None else args.methods or DEFAULT_METHODS
+    args.datasets, args.methods = args.datasets or DEFAULT_DATASETS, args.methods or DEFAULT_METHODS
     if not args.collect_only:
         # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: the runs in flight are stopped, finished ones are kept
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -308,7 +314,10 @@ def main(argv: list[str] | None = None) -> str:
         finally:
             signal.signal(signal.SIGTERM, previous)
     rows = collect(Path(args.output_root))
-    methods = None if args.collect_only else args.methods.split(",")
+    if wanted_datasets is not None:
+        rows = [r for r in rows if r["dataset"] in wanted_datasets.split(",")]
+    methods = None if wanted_methods is None else wanted_methods.split(",")
+    rows = [r for r in rows if methods is None or r["method"] in methods]
     table = markdown_table(rows, methods)
     print(table)
     if args.markdown:
@@ -316,9 +325,8 @@ def main(argv: list[str] | None = None) -> str:
         Path(args.markdown).write_text(table, encoding="utf-8")
     if args.results_md:
         replace_marked_block(args.results_md, args.results_marker, table)
-    if args.plot:  # the datasets asked for (all of them with --collect_only)
-        datasets = None if args.collect_only else set(args.datasets.split(","))
-        plot_k_curve([r for r in rows if datasets is None or r["dataset"] in datasets], args.plot, methods)
+    if args.plot:
+        plot_k_curve(rows, args.plot, methods)
     return table
 
 

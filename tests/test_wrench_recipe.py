@@ -296,6 +296,10 @@ def test_table_driver_collects_results(tmp_path):
     with pytest.raises(ValueError, match="<!-- wrench-table -->"):
         table.main(["--collect_only", "--output_root", str(tmp_path), "--results_md", str(doc)])
     assert doc.read_text() == "no markers\n"
+    collect = ["--collect_only", "--output_root", str(tmp_path)]
+    only = table.main(collect + ["--methods", "sama_r", "--datasets", "youtube"])
+    assert "| dataset (metric) | clean/class | sama_r |" in only and "| youtube (accuracy) | all |" not in only
+    assert table.main(collect + ["--datasets", "sms"]).count("| sms") == 0
     args = argparse.Namespace(python="py", configs_dir="c", extra=["--x"])
     cmd = table.command(args, "trec", "10", "cft", 2, tmp_path)
     assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
