@@ -54,6 +54,15 @@ def test_theta_and_lambda_bit_identical_across_ranks(ddp_results, case):
 
 
 @pytest.mark.distributed
+def test_held_out_base_update_takes_one_scale_on_every_rank(ddp_results):
+    ranks, _ = ddp_results
+    first, second = (r["held_out"] for r in ranks)
+    assert first["theta"] == second["theta"] and first["meta_steps"] == len(first["history"]) == 3
+    assert first["history"] == second["history"]  # the held-out losses are averaged over the ranks' own batches
+    assert first["base_update_scale"] == second["base_update_scale"] < 1.0
+
+
+@pytest.mark.distributed
 def test_meta_gradient_is_the_mean_of_per_rank_finite_differences(ddp_results):
     ranks, _ = ddp_results
     for r in ranks:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import RecordingObjective, sama_args, tiny_bert, token_dataset  # noqa: E402
 
-from sama_trainer import SAMATrainer  # noqa: E402
+from sama_trainer import HeldOutBaseUpdate, SAMATrainer  # noqa: E402
 from sama_trainer.losses import per_example_cross_entropy  # noqa: E402
 from sama_trainer.pruning import meta_importance_scores, with_example_ids  # noqa: E402
 
@@ -97,13 +97,13 @@ def hand_estimator(trainer, alpha):
     return torch.stack(gathered).mean(0), flat
 
 
-def run(out_dir, name, counter, check_estimator=False, **overrides):
+def run(out_dir, name, counter, check_estimator=False, callbacks=None, **overrides):
     train = token_dataset(64, noise=0.3, seed=1).remove_columns(["clean_labels"])
     meta = token_dataset(32, seed=2).remove_columns(["clean_labels"])
     settings = dict(per_device_train_batch_size=4, meta_batch_size=4, max_steps=6, logging_steps=100)
     settings.update(meta_objective="reweight", meta_gradient="sama-na", sama_alpha=0.5)
     args = sama_args(os.path.join(out_dir, name), **{**settings, **overrides})
-    trainer = Probe(tiny_bert(dropout=0.0), args, train, meta)
+    trainer = Probe(tiny_bert(dropout=0.0), args, train, meta, callbacks=callbacks)
     trainer.counter = counter
     trainer.train()
     result = {
@@ -123,8 +123,18 @@ def run(out_dir, name, counter, check_estimator=False, **overrides):
         got = torch.cat([g.flatten() for g in trainer.last_meta_gradients])
         result["estimator_rel_err"] = ((got - expected).norm() / expected.norm()).item()
         result["local_vs_mean_rel"] = ((local - expected).norm() / expected.norm()).item()
+    result["base_update_scale"] = trainer.base_update_scale
     counter.calls = counter.bytes = 0
     return result
+
+
+def run_held_out(out_dir, counter):
+    """The base update sized by held-out examples with wrong labels (fitting the meta set hurts them)."""
+    held_out = token_dataset(12, seed=3).remove_columns(["clean_labels"])
+    held_out = held_out.map(lambda row: {"labels": (row["labels"] + 1) % 3})
+    sizer = HeldOutBaseUpdate(held_out, batch_size=3)
+    result = run(out_dir, "held_out", counter, callbacks=[sizer], sama_base_update=True, meta_gradient="sama")
+    return {**result, "history": sizer.history}
 
 
 def run_pruning(out_dir):
@@ -159,6 +169,7 @@ def main():
         "adaptive": run(args.out, "adaptive", counter, meta_gradient="sama", meta_objective="reweight+correct"),
         "base_only": run(args.out, "base_only", counter, meta_warmup_steps=100),
         "pruning": run_pruning(args.out),
+        "held_out": run_held_out(args.out, counter),
     }
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
