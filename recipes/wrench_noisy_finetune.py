@@ -42,7 +42,7 @@ import torch
 from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer
 
-from sama_trainer import SAMAConfig, SAMAParser
+from sama_trainer import HeldOutBaseUpdate, SAMAConfig, SAMAParser
 from sama_trainer.data import load_cosine, load_wrench, make_synthetic_weak_supervision
 from sama_trainer.data.preparation import (
     WeakSupervisionTask,
@@ -294,6 +294,11 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         results.update(meta_fraction=script_args.meta_fraction, num_meta=len(trainer.meta_dataset))
         results.update(held_out_base_update=script_args.held_out_base_update)
         results.update(base_update_scale=trainer.base_update_scale)
+        sizers = [c for c in trainer.callback_handler.callbacks if isinstance(c, HeldOutBaseUpdate)]
+        if sizers and sizers[0].history:  # the scales used and how often the base update lowered the held-out loss
+            history = sizers[0].history
+            results["base_update_scale_mean"] = sum(h[1] for h in history) / len(history)
+            results["held_out_loss_lowered"] = sum(h[3] < h[2] for h in history) / len(history)
         results.update(weight_diagnostics(weights, task.train["weak_label"], task.train["label"], task.label_names))
         for given, to in results.get("relabelled_classes", {}).items():
             hint = "try --correction_mix_noisy 0.5 (keeps the given class) or sama_r"
