@@ -13,8 +13,9 @@ __all__ = ["SAMACallback"]
 class SAMACallback(TrainerCallback):
     """A ``TrainerCallback`` that also receives the meta-step events of :class:`~sama_trainer.SAMATrainer`.
 
-    Both events are called with the Trainer's usual arguments (``args``, ``state``, ``control`` and the keyword
-    arguments every event gets: ``model``, ``optimizer``, ...) plus ``meta_model``:
+    Both events are called with ``args``, ``state``, ``control`` and the keyword arguments ``model``, ``meta_model``
+    and ``trainer`` (the :class:`~sama_trainer.SAMATrainer`: e.g. ``trainer.base_update_scale`` sizes the next base
+    update, ``trainer.record_meta_metric`` adds to the training log, ``trainer.meta_loss_of`` evaluates a batch):
 
     * ``on_meta_step_begin``: right after the base optimizer step of every ``unroll_steps``-th step, before the meta
       step (the gradients of that step are still in ``.grad``);
