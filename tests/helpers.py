@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from sama_trainer import ClassificationObjective, SAMAConfig
 from sama_trainer.pretrained import tiny_bert_classifier
@@ -95,3 +95,14 @@ class RecordingObjective(ClassificationObjective):
             self.calls.append((examples.example_ids.tolist(), weights.detach().double().tolist()))
             self._base = False
         return loss, weights
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interruption: stop after ``step`` optimizer steps (a checkpoint due at that step is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

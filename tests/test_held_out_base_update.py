@@ -5,8 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import sama_args, tiny_bert, token_dataset, train_and_meta
-from transformers import TrainerCallback
+from helpers import StopAt, sama_args, tiny_bert, token_dataset, train_and_meta
 
 from sama_trainer import ClassificationObjective, HeldOutBaseUpdate, SAMACallback, SAMATrainer
 from sama_trainer.pipelines import fit_with_clean_set, split_meta_set
@@ -92,15 +91,6 @@ def test_held_out_loss_is_the_meta_loss_of_the_batch(tmp_path):
     with torch.no_grad():
         out = trainer.model(**{k: v for k, v in batches[0].items()})
     torch.testing.assert_close(trainer.meta_loss_of(batches[0]), out.loss.float())
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _sized_run(tmp_path, name, stop_at=None, resume=None):

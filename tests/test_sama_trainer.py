@@ -5,8 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import pad_batch, sama_args, tiny_bert, train_and_meta
-from transformers import TrainerCallback
+from helpers import StopAt, pad_batch, sama_args, tiny_bert, train_and_meta
 
 from sama_trainer import (
     BootstrapCorrectionNet,
@@ -55,17 +54,6 @@ def test_meta_warmup_delays_meta_steps(tmp_path):
     trainer = SAMATrainer(tiny_bert(), make_args(tmp_path, meta_warmup_steps=8), train, meta)
     trainer.train()
     assert trainer.meta_step_count == 2  # steps 10 and 12
-
-
-class StopAt(TrainerCallback):
-    """Simulates an interruption: stop after `step` optimizer steps (the checkpoint at that step is written)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _run(tmp_path, name, stop_at=None, resume=None):
