@@ -60,7 +60,7 @@ class HeldOutBaseUpdate(SAMACallback):
         self._batch: dict | None = None
         self._before: torch.Tensor | None = None
 
-    def _columns_rows(self, trainer: Any) -> list[dict]:
+    def _held_out_rows(self, trainer: Any) -> list[dict]:
         if self._rows is None:
             dataset = self.held_out_dataset
             if trainer.args.remove_unused_columns and hasattr(dataset, "remove_columns"):
@@ -70,7 +70,7 @@ class HeldOutBaseUpdate(SAMACallback):
 
     def held_out_batch(self, trainer: Any, k: int) -> dict:
         """The ``k``-th held-out batch of this rank (a function of ``k``, the seed and the rank only)."""
-        rows, args = self._columns_rows(trainer), trainer.args
+        rows, args = self._held_out_rows(trainer), trainer.args
         world, rank = max(args.world_size, 1), args.process_index
         per_rank = -(-len(rows) // world)
         size = min(self.batch_size or args.meta_batch_size or args.per_device_train_batch_size, per_rank)
@@ -86,9 +86,11 @@ class HeldOutBaseUpdate(SAMACallback):
             all_reduce_mean_([loss], trainer.args.world_size)
         return loss
 
-    def on_meta_step_begin(self, args, state, control, trainer=None, **kwargs: Any):
-        if not args.sama_base_update:
+    def on_train_begin(self, args, state, control, **kwargs: Any):
+        if not getattr(args, "sama_base_update", False):
             raise ValueError("HeldOutBaseUpdate sizes the base update: set sama_base_update=True")
+
+    def on_meta_step_begin(self, args, state, control, trainer=None, **kwargs: Any):
         self._batch = self.held_out_batch(trainer, trainer.meta_step_count)
         self._before = self._loss(trainer)
 
