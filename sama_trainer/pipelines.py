@@ -167,7 +167,6 @@ def fit_with_clean_set(
     """
     if mode not in CLEAN_SET_MODES:
         raise ValueError(f"mode must be one of {CLEAN_SET_MODES}, got {mode!r}")
-    trainer_kwargs["callbacks"] = callbacks = list(trainer_kwargs.get("callbacks") or [])
     if meta_dataset is not None:
         meta_dataset, held_out = split_meta_set(meta_dataset, meta_fraction, split_seed)
         if held_out_base_update:
@@ -175,7 +174,8 @@ def fit_with_clean_set(
                 raise ValueError("held_out_base_update=True needs clean examples held out: set meta_fraction below 1")
             from .held_out_base_update import HeldOutBaseUpdate
 
-            callbacks.append(HeldOutBaseUpdate(held_out, seed=split_seed))
+            sizer = HeldOutBaseUpdate(held_out, seed=split_seed)
+            trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), sizer]
     elif meta_fraction < 1.0 or held_out_base_update:
         raise ValueError("meta_fraction and held_out_base_update split the meta set: pass meta_dataset=...")
     phases: list[Phase] = []

@@ -132,7 +132,7 @@ def run_held_out(out_dir, counter):
     """The base update sized by held-out examples with wrong labels (fitting the meta set hurts them)."""
     held_out = token_dataset(12, seed=3).remove_columns(["clean_labels"])
     held_out = held_out.map(lambda row: {"labels": (row["labels"] + 1) % 3})
-    sizer = HeldOutBaseUpdate(held_out, batch_size=3)
+    sizer = HeldOutBaseUpdate(held_out, batch_size=3, max_scale=0.5)  # the scale moves: 1 → at most 0.5
     result = run(out_dir, "held_out", counter, callbacks=[sizer], sama_base_update=True, meta_gradient="sama")
     return {**result, "history": sizer.history}
 
