@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from .callbacks import SAMACallback
 from .distributed import all_reduce_mean_
-from .meta_data import MetaBatchStream
 
 
 __all__ = ["HeldOutBaseUpdate"]
@@ -28,9 +28,8 @@ class HeldOutBaseUpdate(SAMACallback):
     dropout): if the base update lowered it, the scale s of the next base update grows by ``grow`` (at most
     ``max_scale``), otherwise it shrinks by ``shrink``. The scale is ``trainer.base_update_scale`` (saved with the
     trainer's checkpoints), so the base update's size is ``s · sama_alpha``. Batches cycle through the held-out set
-    as meta batches are, the k-th meta step taking the k-th batch, so a resumed run draws the batches an
-    uninterrupted one would; under DDP each rank takes its own shard and the losses are averaged, so every rank takes
-    the same s.
+    in seeded shuffled epochs indexed by the meta-step count, so a resumed run draws the batches an uninterrupted
+    one would; under DDP each rank takes its own shard and the losses are averaged, so every rank takes the same s.
 
     ``history`` holds (meta step, scale used, loss before, loss after) of every meta step this process ran.
     Cost: two no-grad forwards of one held-out batch per meta step. Logged as ``meta/base_update_scale`` (the scale
@@ -45,6 +44,7 @@ class HeldOutBaseUpdate(SAMACallback):
         grow: float = 1.5,
         shrink: float = 0.5,
         max_scale: float = 1.0,
+        data_collator: Any = None,
         seed: int = 0,
     ):
         if held_out_dataset is None or len(held_out_dataset) == 0:
@@ -52,20 +52,33 @@ class HeldOutBaseUpdate(SAMACallback):
         if not (grow >= 1.0 and 0.0 < shrink < 1.0 and max_scale > 0.0):
             raise ValueError(f"need grow >= 1, 0 < shrink < 1 and max_scale > 0 (got {grow}, {shrink}, {max_scale})")
         self.held_out_dataset = held_out_dataset
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.data_collator, self.seed = batch_size, data_collator, seed
         self.grow, self.shrink, self.max_scale = grow, shrink, max_scale
         # (meta step, scale used, held-out loss before, after) of every meta step this process ran
         self.history: list[tuple[int, float, float, float]] = []
-        self._stream: MetaBatchStream | None = None
+        self._rows: list[dict] | None = None
         self._batch: dict | None = None
         self._before: torch.Tensor | None = None
 
+    def _held_out_rows(self, trainer: Any) -> list[dict]:
+        if self._rows is None:
+            dataset = self.held_out_dataset
+            if trainer.args.remove_unused_columns and hasattr(dataset, "remove_columns"):
+                dataset = trainer._remove_unused_columns(dataset, description="held-out")
+            self._rows = [dataset[i] for i in range(len(dataset))]
+        return self._rows
+
     def held_out_batch(self, trainer: Any, k: int) -> dict:
-        """The ``k``-th held-out batch of this rank: drawn as meta batches are (the trainer's
-        :meth:`~sama_trainer.SAMATrainer.meta_batch_stream`), so a function of ``k``, the seed and the rank only."""
-        if self._stream is None:
-            self._stream = trainer.meta_batch_stream(self.held_out_dataset, self.batch_size, seed=self.seed)
-        return self._stream.batch(k)
+        """The ``k``-th held-out batch of this rank (a function of ``k``, the seed and the rank only)."""
+        rows, args = self._held_out_rows(trainer), trainer.args
+        world, rank = max(args.world_size, 1), args.process_index
+        per_rank = -(-len(rows) // world)
+        size = min(self.batch_size or args.meta_batch_size or args.per_device_train_batch_size, per_rank)
+        epoch, j = divmod(k, max(per_rank // size, 1))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(rows))
+        shard = np.resize(order, per_rank * world)[rank::world]  # wrap around to equal shards, as DistributedSampler
+        collate = self.data_collator or trainer.meta_data_collator or trainer.data_collator
+        return collate([rows[i] for i in shard[j * size : (j + 1) * size]])
 
     def _loss(self, trainer: Any) -> torch.Tensor:
         loss = trainer.meta_loss_of(self._batch).reshape(1)

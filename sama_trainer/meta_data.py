@@ -115,14 +115,6 @@ class MetaBatchStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._indices = None
 
-    def batch(self, k: int) -> Any:
-        """The ``k``-th batch of the stream (counting from 0), wherever the stream is; it continues after it."""
-        per_epoch = self.per_rank // self.batch_size  # whole batches per epoch (a shard has per_rank examples)
-        epoch, j = divmod(k, per_epoch)
-        if (epoch, j * self.batch_size) != (self.epoch, self.position):
-            self.load_state_dict({"epoch": epoch, "position": j * self.batch_size})
-        return self.next_batch()
-
 
 def split_points(lengths: Sequence[int], size: int | None = None, pass_overhead: float | None = None) -> list[int]:
     """Where to cut examples sorted by decreasing length into micro-batches: the end index of each micro-batch.

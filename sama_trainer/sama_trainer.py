@@ -285,36 +285,28 @@ class SAMATrainer(Trainer):
 
     def _meta_batches(self) -> MetaBatchStream:
         if self._meta_stream is None:
-            self._meta_stream = self.meta_batch_stream(self.meta_dataset)
+            args, dataset = self.args, self.meta_dataset
+            if args.remove_unused_columns and hasattr(dataset, "remove_columns"):
+                dataset = self._remove_unused_columns(dataset, description="meta")
+            lengths = example_lengths(dataset) if args.meta_batches_grouped_by_length else None
+            if args.meta_batches_grouped_by_length and lengths is None:
+                raise ValueError(
+                    "meta batches grouped by length need an 'input_ids' column in meta_dataset; "
+                    "set meta_group_by_length=False to draw them in random order"
+                )
+            self._meta_stream = MetaBatchStream(
+                dataset,
+                args.meta_batch_size or args.per_device_train_batch_size,
+                self.meta_data_collator or self.data_collator,
+                seed=args.seed,
+                rank=args.process_index,
+                world_size=args.world_size,
+                lengths=lengths,
+            )
             if self._pending_meta_stream_state is not None:
                 self._meta_stream.load_state_dict(self._pending_meta_stream_state)
                 self._pending_meta_stream_state = None
         return self._meta_stream
-
-    def meta_batch_stream(
-        self, dataset: Any, batch_size: int | None = None, seed: int | None = None
-    ) -> MetaBatchStream:
-        """Batches of a clean ``dataset`` drawn as the meta batches are: this rank's shard of seeded shuffled epochs,
-        grouped by length if the meta batches are, collated by the meta collator; ``batch_size`` defaults to the
-        meta batch size, ``seed`` to ``args.seed``."""
-        args = self.args
-        if args.remove_unused_columns and hasattr(dataset, "remove_columns"):
-            dataset = self._remove_unused_columns(dataset, description="meta")
-        lengths = example_lengths(dataset) if args.meta_batches_grouped_by_length else None
-        if args.meta_batches_grouped_by_length and lengths is None:
-            raise ValueError(
-                "meta batches grouped by length need an 'input_ids' column in meta_dataset; "
-                "set meta_group_by_length=False to draw them in random order"
-            )
-        return MetaBatchStream(
-            dataset,
-            batch_size or args.meta_batch_size or args.per_device_train_batch_size,
-            self.meta_data_collator or self.data_collator,
-            seed=args.seed if seed is None else seed,
-            rank=args.process_index,
-            world_size=args.world_size,
-            lengths=lengths,
-        )
 
     def _agreement(self) -> RankAgreement | None:
         return RankAgreement(self.args.world_size) if self.args.world_size > 1 else None

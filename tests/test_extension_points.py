@@ -110,16 +110,6 @@ def test_state_dict_resumes_the_exact_sequence():
     assert head + [resumed.next_batch() for _ in range(5)] == expected
 
 
-@pytest.mark.parametrize("kw", [{}, {"lengths": [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]}, {"world": 2, "rank": 1}])
-def test_batch_k_is_the_kth_batch_of_the_sequence(kw):
-    sequential = _stream(n=11, batch=3, seed=2, **kw)
-    expected = [sequential.next_batch() for _ in range(10)]  # several epochs
-    random_access = _stream(n=11, batch=3, seed=2, **kw)
-    for k in (4, 0, 9, 3, 7, 8, 1):
-        assert random_access.batch(k) == expected[k]
-    assert random_access.next_batch() == expected[2]  # it continues after the batch it drew
-
-
 def test_length_grouping_keeps_epochs_complete_and_batches_homogeneous():
     lengths = [int(x) for x in torch.randint(1, 100, (64,), generator=torch.Generator().manual_seed(0))]
     plain = _stream(n=64, batch=8)
