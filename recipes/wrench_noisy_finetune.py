@@ -42,7 +42,7 @@ import torch
 from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer
 
-from sama_trainer import HeldOutBaseUpdate, SAMAConfig, SAMAParser
+from sama_trainer import CrossFitMetaSet, HeldOutBaseUpdate, SAMAConfig, SAMAParser
 from sama_trainer.data import load_cosine, load_wrench, make_synthetic_weak_supervision
 from sama_trainer.data.preparation import (
     WeakSupervisionTask,
@@ -129,6 +129,13 @@ class ScriptArguments:
         metadata={
             "help": "Size SAMA's base update by the loss of the clean examples --meta_fraction holds out of the "
             "meta set (grows while it lowers their loss, shrinks when it does not)."
+        },
+    )
+    cross_fit: bool = field(
+        default=False,
+        metadata={
+            "help": "With --meta_fraction < 1: the held-out rest of the clean set becomes SAMA's meta set for the "
+            "second half of the meta steps (the parts swap; every clean example is a meta example for a while)."
         },
     )
     tune_on_valid_fold: int | None = field(
@@ -249,6 +256,7 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         meta_dataset=task.clean_tok if spec.sama else None,
         meta_fraction=script_args.meta_fraction if spec.sama else 1.0,
         held_out_base_update=spec.sama and script_args.held_out_base_update,
+        cross_fit=spec.sama and script_args.cross_fit,
         split_seed=args.seed,
         clean_dataset=task.clean_as_train_tok if spec.clean_after else None,
         mode=script_args.sama_clean_mode if method == "sama_rc_clean" else "continue",
@@ -291,7 +299,9 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         results.update({name: getattr(args, name) for name in sama_fields}, sama_alpha=args.meta_alpha)
         results.update(meta_steps=trainer.meta_step_count, meta_steps_skipped=trainer.meta_steps_skipped)
         results["sama_clean_mode"] = script_args.sama_clean_mode if method == "sama_rc_clean" else None
-        results.update(meta_fraction=script_args.meta_fraction, num_meta=len(trainer.meta_dataset))
+        swaps = [c for c in trainer.callback_handler.callbacks if isinstance(c, CrossFitMetaSet)]
+        num_meta = sum(len(part) for part in swaps[0].parts) if swaps else len(trainer.meta_dataset)
+        results.update(meta_fraction=script_args.meta_fraction, num_meta=num_meta, cross_fit=script_args.cross_fit)
         results.update(held_out_base_update=script_args.held_out_base_update)
         results.update(base_update_scale=trainer.base_update_scale)
         sizers = [c for c in trainer.callback_handler.callbacks if isinstance(c, HeldOutBaseUpdate)]
@@ -433,8 +443,11 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
         raise ValueError(
             f"--meta_fraction must be in (0, 1] (got {script_args.meta_fraction}); 1 uses the whole clean set"
         )
-    if script_args.held_out_base_update and script_args.meta_fraction >= 1.0:
-        raise ValueError("--held_out_base_update needs clean examples out of the meta set: add --meta_fraction 0.5")
+    for flag in ("held_out_base_update", "cross_fit"):
+        if getattr(script_args, flag) and script_args.meta_fraction >= 1.0:
+            raise ValueError(f"--{flag} needs clean examples out of the meta set: add --meta_fraction 0.5")
+    if script_args.held_out_base_update and script_args.cross_fit:
+        raise ValueError("--held_out_base_update and --cross_fit both use the held-out clean examples: choose one")
     if script_args.log_file:
         log_to_file(script_args.log_file)
     if script_args.num_threads:

@@ -3,6 +3,7 @@
 from .adaptation import UnsupportedOptimizerError, adaptation_diagonal, register_adaptation
 from .callbacks import SAMACallback
 from .checkpoint import IncompleteCheckpointError
+from .cross_fit import CrossFitMetaSet
 from .distributed import MetaStepFailedOnAnotherRank
 from .held_out_base_update import HeldOutBaseUpdate
 from .meta_gradient import MetaGradients, available_methods, meta_gradient, register_method
@@ -26,6 +27,7 @@ __version__ = "0.2.0"
 __all__ = [
     "BootstrapCorrectionNet",
     "ClassificationObjective",
+    "CrossFitMetaSet",
     "ExampleLosses",
     "HeldOutBaseUpdate",
     "IncompleteCheckpointError",

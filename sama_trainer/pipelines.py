@@ -1,6 +1,7 @@
 """Training pipelines over noisy data and a clean set: plain fine-tuning (hard or soft labels), continuing a trained
 model on another dataset, and :func:`fit_with_clean_set`, which uses the clean set both as SAMA's meta set and for
-training (after, before or mixed into the main phase), optionally holding part of it out of the meta set."""
+training (after, before or mixed into the main phase), optionally holding part of it out of the meta set or
+swapping the parts halfway."""
 
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def fit_with_clean_set(
     clean_upsample: int = 1,
     meta_fraction: float = 1.0,
     held_out_base_update: bool = False,
+    cross_fit: bool = False,
     split_seed: int = 0,
     soft_labels: bool = False,
     prepare: Callable[[Trainer], Any] | None = None,
@@ -160,7 +162,9 @@ def fit_with_clean_set(
     :class:`~sama_trainer.SAMATrainer` run (``args`` must then be a ``SAMAConfig``). With ``meta_fraction`` below 1
     SAMA's meta set is a class-stratified part of ``meta_dataset`` (seeded by ``split_seed``); the rest is held out
     of the main phase, so the clean phase still has examples the model has not fitted, and with
-    ``held_out_base_update`` it sizes SAMA's base update (:class:`~sama_trainer.HeldOutBaseUpdate`). ``prepare``
+    ``held_out_base_update`` it sizes SAMA's base update (:class:`~sama_trainer.HeldOutBaseUpdate`); with
+    ``cross_fit`` the two parts swap halfway through the main phase (:class:`~sama_trainer.CrossFitMetaSet`: the
+    part is the meta set for the first half of the meta steps, the rest for the second). ``prepare``
     is called on each trainer before it trains (e.g. to change its callbacks), ``after_main`` on the main phase's
     trainer right after it (e.g. to read the learned weights before the clean phase changes the model). Returns the
     phases in order.
@@ -169,15 +173,23 @@ def fit_with_clean_set(
         raise ValueError(f"mode must be one of {CLEAN_SET_MODES}, got {mode!r}")
     if meta_dataset is not None:
         meta_dataset, held_out = split_meta_set(meta_dataset, meta_fraction, split_seed)
+        for option, wanted in (("held_out_base_update", held_out_base_update), ("cross_fit", cross_fit)):
+            if wanted and held_out is None:
+                raise ValueError(f"{option}=True needs clean examples held out of the meta set: set meta_fraction < 1")
+        if held_out_base_update and cross_fit:
+            raise ValueError("held_out_base_update and cross_fit both use the held-out part: choose one")
         if held_out_base_update:
-            if held_out is None:
-                raise ValueError("held_out_base_update=True needs clean examples held out: set meta_fraction below 1")
             from .held_out_base_update import HeldOutBaseUpdate
 
             sizer = HeldOutBaseUpdate(held_out, seed=split_seed)
             trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), sizer]
-    elif meta_fraction < 1.0 or held_out_base_update:
-        raise ValueError("meta_fraction and held_out_base_update split the meta set: pass meta_dataset=...")
+        if cross_fit:
+            from .cross_fit import CrossFitMetaSet
+
+            swap = CrossFitMetaSet([meta_dataset, held_out])
+            trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), swap]
+    elif meta_fraction < 1.0 or held_out_base_update or cross_fit:
+        raise ValueError("meta_fraction, held_out_base_update and cross_fit split the meta set: pass meta_dataset=...")
     phases: list[Phase] = []
 
     def run(name: str, trainer: Trainer) -> Trainer:

@@ -478,6 +478,21 @@ class SAMATrainer(Trainer):
         finally:
             model.train(was_training)
 
+    def set_meta_dataset(self, meta_dataset: Any, *, keep_position: bool = False) -> None:
+        """Draw the following meta batches from ``meta_dataset`` (checked as the constructor's ``meta_dataset``).
+
+        The batches start a fresh stream (shuffled epochs from the first, as a new run's). ``keep_position=True``
+        keeps instead the stream position restored from a checkpoint, for a callback that puts back, when a run
+        resumes, the meta set the checkpointed run was drawing from (e.g. :class:`~sama_trainer.CrossFitMetaSet`).
+        """
+        self._check_meta_dataset(meta_dataset, self.args)
+        if keep_position and self._meta_stream is not None:
+            self._pending_meta_stream_state = self._meta_stream.state_dict()
+        elif not keep_position:
+            self._pending_meta_stream_state = None
+        self.meta_dataset = meta_dataset
+        self._meta_stream = None
+
     def record_meta_metric(self, name: str, value: float) -> None:
         """Average ``value`` into the next training log as ``meta/<name>`` (as the meta step's own statistics)."""
         self._meta_metrics[name].append(float(value))

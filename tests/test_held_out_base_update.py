@@ -151,7 +151,7 @@ def test_pipeline_sends_each_part_where_it_belongs(tmp_path):
 def test_bad_inputs(tmp_path):
     train, clean = train_and_meta(n_train=16, n_meta=8)
     args = sama_args(tmp_path / "run", max_steps=2)
-    with pytest.raises(ValueError, match="set meta_fraction below 1"):
+    with pytest.raises(ValueError, match="set meta_fraction < 1"):
         fit_with_clean_set(tiny_bert(), args, train, meta_dataset=clean, held_out_base_update=True)
     with pytest.raises(ValueError, match="pass meta_dataset"):
         fit_with_clean_set(tiny_bert(), args, train, meta_fraction=0.5)

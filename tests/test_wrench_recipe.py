@@ -194,6 +194,16 @@ def test_meta_fraction_gives_sama_part_of_the_clean_set_and_the_clean_phase_all_
     assert result["held_out_base_update"] and result["num_meta"] == 6 and result["meta_steps"] == 2
     assert 0.0 <= result["held_out_loss_lowered"] <= 1.0 and 0.0 < result["base_update_scale_mean"] <= 1.0
     assert sorted(seen["held_out"] + seen["meta"]) == sorted(seen["clean"])  # the other half checks the base update
+    first_part = seen["meta"]
+    (result,) = _run(
+        recipe, wrench_dir, tmp_path / "cross", "--method", "sama_rc_clean", "--clean_per_class", "6",
+        "--meta_fraction", "0.5", "--cross_fit", "true", "--clean_steps", "3", "--save_model", "false",
+        "--unroll_steps", "2",
+    )  # fmt: skip
+    assert result["cross_fit"] and result["num_meta"] == 12 and result["meta_steps"] == 2
+    assert sorted(first_part + seen["meta"]) == sorted(seen["clean"])  # the second meta step drew from the other half
+    with pytest.raises(ValueError, match="add --meta_fraction 0.5"):
+        _run(recipe, wrench_dir, tmp_path / "bad", "--method", "sama_r", "--cross_fit", "true")
     with pytest.raises(ValueError, match="add --meta_fraction 0.5"):
         _run(recipe, wrench_dir, tmp_path / "bad", "--method", "sama_r", "--held_out_base_update", "true")
     with pytest.raises(ValueError, match="--meta_fraction must be in"):
