@@ -130,6 +130,19 @@ def collect(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def collect_roots(roots: list[Path]) -> list[dict[str, Any]]:
+    """The runs under every root; a run (dataset, K, method, seed) found under an earlier root hides the same run
+    under a later one."""
+    rows, seen = [], set()
+    for root in roots:
+        for row in collect(root):
+            key = (row["dataset"], row.get("clean_per_class"), row["method"], row["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
 def _mean_std(values: list[float], scale: float = 100.0) -> str:
     if not values:
         return "–"
@@ -232,8 +245,9 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
 
 
 def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | None = None) -> None:
-    """Test metric (mean ± std over seeds) against the clean examples per class K, one panel per dataset, one line per
-    method; K = all (the whole clean split) is drawn at its mean number of examples per class."""
+    """Test metric (mean ± sample std over seeds, as the tables) against the clean examples per class K, one panel
+    per dataset, one line per method; K = all (the whole clean split) is drawn at its mean number of examples per
+    class."""
     import matplotlib
     import matplotlib.ticker
 
@@ -253,7 +267,7 @@ def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | Non
         for method in [m for m in order if m in by_method]:
             ks = sorted(by_method[method])
             means = [statistics.fmean(by_method[method][k]) for k in ks]
-            stds = [statistics.pstdev(by_method[method][k]) if len(by_method[method][k]) > 1 else 0.0 for k in ks]
+            stds = [statistics.stdev(by_method[method][k]) if len(by_method[method][k]) > 1 else 0.0 for k in ks]
             ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method, color=colour[method])
         ax.set_xscale("log")
         ticks = sorted({k for by_k in by_method.values() for k in by_k})
@@ -277,7 +291,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--methods", default=None, help=f"comma list (default {DEFAULT_METHODS}; {collected})")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clean_per_class", default="10,all", help="comma list of K; 'all' = the whole valid split")
-    parser.add_argument("--output_root", default="outputs/wrench_table")
+    parser.add_argument(
+        "--output_root",
+        default="outputs/wrench_table",
+        help="where runs go; with --collect_only a comma list of roots (a run in an earlier root hides a later one's)",
+    )
     parser.add_argument("--configs_dir", default=str(RECIPES / "configs"))
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -306,6 +324,9 @@ def main(argv: list[str] | None = None) -> str:
     wanted_datasets = None if args.collect_only and args.datasets is None else args.datasets or DEFAULT_DATASETS
     wanted_methods = None if args.collect_only and args.methods is None else args.methods or DEFAULT_METHODS
     args.datasets, args.methods = args.datasets or DEFAULT_DATASETS, args.methods or DEFAULT_METHODS
+    roots = [Path(root) for root in args.output_root.split(",")]
+    if len(roots) > 1 and not args.collect_only:
+        raise SystemExit("several --output_root folders only with --collect_only: runs go to one root")
     if not args.collect_only:
         # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: the runs in flight are stopped, finished ones are kept
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -313,7 +334,7 @@ def main(argv: list[str] | None = None) -> str:
             run_all(args)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    rows = collect(Path(args.output_root))
+    rows = collect_roots(roots)
     if wanted_datasets is not None:
         rows = [r for r in rows if r["dataset"] in wanted_datasets.split(",")]
     methods = None if wanted_methods is None else wanted_methods.split(",")

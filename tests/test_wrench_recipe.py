@@ -312,6 +312,17 @@ def test_table_driver_collects_results(tmp_path):
     only = table.main(collect + ["--methods", "sama_r", "--datasets", "youtube"])
     assert "| dataset (metric) | clean/class | sama_r |" in only and "| youtube (accuracy) | all |" not in only
     assert table.main(collect + ["--datasets", "sms"]).count("| sms") == 0
+    other = tmp_path / "other"  # a second root: its runs fill cells the first root lacks and never replace its runs
+    for method, seed, value in [("finetune", 0, 0.1), ("cft", 0, 0.7)]:
+        out = table.run_dir(other, "youtube", "all", method, seed)
+        out.mkdir(parents=True)
+        row = {"method": method, "dataset": "youtube", "seed": seed, "metric_name": "accuracy", "test_metric": value}
+        row.update(clean_per_class=None, device="cpu", train_seconds=1.0, train_steps=5, valid_metric=value)
+        (out / "results.json").write_text(json.dumps(row))
+    both = table.main(["--collect_only", "--output_root", f"{tmp_path},{other}", "--methods", "finetune,cft"])
+    assert "| youtube (accuracy) | all | 85.0 ± 7.1 (n=2) | 70.0 (n=1) |" in both
+    with pytest.raises(SystemExit, match="only with --collect_only"):
+        table.main(["--output_root", f"{tmp_path},{other}", "--dry_run"])
     args = argparse.Namespace(python="py", configs_dir="c", extra=["--x"])
     cmd = table.command(args, "trec", "10", "cft", 2, tmp_path)
     assert cmd[cmd.index("--clean_per_class") + 1] == "10" and cmd[-1] == "--x" and "c/wrench_trec.yaml" in cmd
