@@ -193,6 +193,12 @@ def _time_ratio_cell(by_method: dict[str, list[dict]], method: str) -> str:
     return f"{wall:.2f}" + (f" / {statistics.fmean(cpu):.2f}" if cpu else "")
 
 
+def _dataset_then_k(item: tuple[tuple[str, str], Any]) -> tuple[str, float]:
+    """Sort key of a (dataset, K) row: by dataset, then K in increasing order, 'all' last."""
+    (dataset, k), _ = item
+    return dataset, float("inf") if k == "all" else float(k)
+
+
 def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     """One row per (dataset, K), one column per method: test metric (x100) mean ± std over seeds."""
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -207,7 +213,7 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
     lines = [head, "|" + "---|" * (len(order) + 2)]
     times = ["| dataset | clean/class | " + " | ".join(order) + " |", "|" + "---|" * (len(order) + 2)]
     aurocs, ratios = list(times), list(times)
-    for (dataset, k), by_method in sorted(groups.items()):
+    for (dataset, k), by_method in sorted(groups.items(), key=_dataset_then_k):
         cells = [
             _mean_std([r["test_metric"] for r in by_method.get(m, [])]) + _device_mark(by_method.get(m, []))
             for m in order

@@ -271,7 +271,8 @@ def test_table_driver_collects_results(tmp_path):
     spec = importlib.util.spec_from_file_location("wrench_table", RECIPE.parent / "wrench_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    for method, k, seed, value in [("finetune", None, 0, 0.9), ("finetune", None, 1, 0.8), ("sama_r", 10, 0, 0.95)]:
+    runs = [("finetune", None, 0, 0.9), ("finetune", None, 1, 0.8), ("sama_r", 10, 0, 0.95), ("sama_r", 5, 0, 0.9)]
+    for method, k, seed, value in runs:
         out = table.run_dir(tmp_path, "youtube", "all" if k is None else str(k), method, seed)
         out.mkdir(parents=True)
         row = {"method": method, "dataset": "youtube", "seed": seed, "metric_name": "accuracy", "test_metric": value}
@@ -296,6 +297,8 @@ def test_table_driver_collects_results(tmp_path):
     assert (tmp_path / "k.png").stat().st_size > 0  # the K-curve
     assert "| youtube (accuracy) | all | 85.0 ± 7.1 (n=2) | – |" in md
     assert "| youtube (accuracy) | 10 | – | 95.0 (n=1) † |" in md  # the cell measured on a GPU says so
+    rows_in_order = [md.index(f"| youtube (accuracy) | {k} |") for k in ("5", "10", "all")]
+    assert rows_in_order == sorted(rows_in_order)  # K in increasing order, the whole clean split last
     assert "† runs on cuda: NVIDIA H200; unmarked cells: CPU" in md
     assert "| youtube | 10 | – | 0.700 / 0.600 |" in md and "| youtube | all | – | – |" in md
     assert (tmp_path / "t.md").read_text() == md
