@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard
 
 from sama_trainer import (
     BootstrapCorrectionNet,
+    ClassificationObjective,
     HeldOutBaseUpdate,
     MetaWeightNet,
     SAMAConfig,
@@ -567,10 +568,22 @@ def test_paper_protocol_config_overrides_a_dataset_config(recipe):
     assert (args.meta_learning_rate, args.unroll_steps, args.lr_scheduler_type.value) == (1e-5, 10, "cosine")
 
 
+HALF = ("--meta_fraction", "0.5")
+
+
 @pytest.mark.parametrize(
-    "method, mode", [("cft", "continue"), ("sama_rc_clean", "continue"), ("sama_rc_clean", "mix")]
+    "method, mode, extra",
+    [
+        ("cft", "continue", ()),
+        ("sama_rc_clean", "continue", ()),
+        ("sama_rc_clean", "mix", ()),
+        ("sama_rc_clean", "continue", HALF + ("--held_out_base_update", "true")),
+        ("sama_rc_clean", "continue", HALF + ("--cross_fit", "true")),
+    ],
 )
-def test_test_split_is_read_only_by_the_final_evaluation(recipe, wrench_dir, tmp_path, monkeypatch, method, mode):
+def test_test_split_is_read_only_by_the_final_evaluation(
+    recipe, wrench_dir, tmp_path, monkeypatch, method, mode, extra
+):
     from transformers import Trainer
 
     tasks, events = [], []
@@ -589,14 +602,24 @@ def test_test_split_is_read_only_by_the_final_evaluation(recipe, wrench_dir, tmp
 
     monkeypatch.setattr(Trainer, "train", recording_train)
     monkeypatch.setattr(Trainer, "predict", recording_predict)
+    meta_rows, meta_loss = set(), ClassificationObjective.meta_loss
+
+    def recording_meta_loss(self, model, inputs):  # meta batches and held-out checks alike
+        meta_rows.update(tuple(r[m.bool()].tolist()) for r, m in zip(inputs["input_ids"], inputs["attention_mask"]))
+        return meta_loss(self, model, inputs)
+
+    monkeypatch.setattr(ClassificationObjective, "meta_loss", recording_meta_loss)
     _run(recipe, wrench_dir, tmp_path, "--method", method, "--sama_clean_mode", mode, "--clean_steps", "2",
-         "--eval_strategy", "steps", "--eval_steps", "2", "--save_model", "false")  # fmt: skip
+         "--eval_strategy", "steps", "--eval_steps", "2", "--save_model", "false", "--unroll_steps", "2",
+         *extra)  # fmt: skip
     (task,) = tasks
     test, clean = id(task.test_tok), {id(task.clean_tok), id(task.clean_as_train_tok)}
     trains = [e for e in events if e[0] == "train"]
     assert all(test not in ids for _, ids, _ in trains)  # never a training, meta or model-selection set
     first_test_read = next(i for i, e in enumerate(events) if test in e[1])
     assert first_test_read > max(i for i, e in enumerate(events) if e[0] == "train")  # only after all training
+    assert meta_rows <= {tuple(r) for r in task.clean_tok["input_ids"]}  # every meta loss is on clean rows
+    assert bool(meta_rows) == (method != "cft")
     phases = [("clean" if ids[0] in clean else "main", size) for _, ids, size in trains]
     if mode == "mix":  # one phase on the weak rows plus the clean rows
         assert phases == [("main", len(task.train_tok) + len(task.clean_as_train_tok))]
