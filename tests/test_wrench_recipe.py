@@ -126,6 +126,7 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     assert result == results
     assert results["train_steps"] == 4 and results["meta_steps"] == 2
     assert results["meta_objective"] == "reweight+correct" and results["meta_gradient"] == "sama"
+    assert results["sama_base_update"] and results["sama_base_update_follows_lr"] is False
     assert results["noise_auroc"] is None or 0.0 <= results["noise_auroc"] <= 1.0
     assert results["noise_auroc_within_class"] is None or 0.0 <= results["noise_auroc_within_class"] <= 1.0
     assert results["num_clean"] == 40  # default: the whole valid split
