@@ -250,10 +250,14 @@ def markdown_table(rows: list[dict[str, Any]], methods: list[str] | None = None)
     )
 
 
+# methods that never read the clean set: their result does not depend on K
+CLEAN_FREE_METHODS = ("finetune",)
+
+
 def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | None = None) -> None:
     """Test metric (mean ± sample std over seeds, as the tables) against the clean examples per class K, one panel
     per dataset, one line per method; K = all (the whole clean split) is drawn at its mean number of examples per
-    class."""
+    class, and a method that never reads the clean set as a level dashed line at its mean."""
     import matplotlib
     import matplotlib.ticker
 
@@ -271,6 +275,10 @@ def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | Non
             k = r["clean_per_class"] if r.get("clean_per_class") is not None else r["num_clean"] / r["num_labels"]
             by_method[r["method"]][float(k)].append(100 * r["test_metric"])
         for method in [m for m in order if m in by_method]:
+            if method in CLEAN_FREE_METHODS:  # the same runs at every K: a level line
+                level = statistics.fmean(v for vs in by_method[method].values() for v in vs)
+                ax.axhline(level, linestyle="--", label=method, color=colour[method])
+                continue
             ks = sorted(by_method[method])
             means = [statistics.fmean(by_method[method][k]) for k in ks]
             stds = [statistics.stdev(by_method[method][k]) if len(by_method[method][k]) > 1 else 0.0 for k in ks]

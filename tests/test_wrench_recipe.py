@@ -352,11 +352,23 @@ def test_k_curve_gives_a_method_one_colour_in_every_panel(tmp_path, monkeypatch)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", recording)
-    table.plot_k_curve(rows, str(tmp_path / "k.png"), ["clean_only", "cft", "sama_rc"])
+    levels, axhline = [], matplotlib.axes.Axes.axhline
+
+    def recording_level(self, y, *args, **kwargs):
+        levels.append((self.get_title(), kwargs["label"], y))
+        return axhline(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", recording_level)
+    finetune = [
+        {**rows[0], "method": "finetune", "test_metric": v, "clean_per_class": k} for v, k in ((0.6, 5), (0.8, 10))
+    ]
+    table.plot_k_curve(rows + finetune, str(tmp_path / "k.png"), ["clean_only", "cft", "sama_rc", "finetune"])
     colours = {}
     for _, label, colour in drawn:
         assert colours.setdefault(label, colour) == colour  # sms draws cft second, youtube third: same colour
     assert len(drawn) == 5 and len(set(colours.values())) == 3
+    # finetune never reads the clean set: one level line at its mean, no point per K
+    assert len(levels) == 1 and levels[0][1] == "finetune" and levels[0][2] == pytest.approx(70.0)
 
 
 STUB_RUN = """
