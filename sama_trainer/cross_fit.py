@@ -2,7 +2,8 @@
 
 With one meta set SAMA's base update fits the same clean examples all run long. Cross-fitting splits the clean set
 into parts and gives each part a span of the run as meta set: every clean example is a meta example for a while,
-and for the rest of the run the meta steps are taken on examples the model has not been fitted to by them.
+and each new part starts on examples the base update has not fitted yet. (At the end of the run none is new to the
+model, unlike a part that is held out throughout; RESULTS.md compares the two.)
 """
 
 from __future__ import annotations
