@@ -285,7 +285,7 @@ def plot_k_curve(rows: list[dict[str, Any]], path: str, methods: list[str] | Non
             ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method, color=colour[method])
         ax.set_xscale("log")
         ticks = sorted({k for by_k in by_method.values() for k in by_k})
-        ax.set_xticks(ticks, [f"{k:g}" for k in ticks])  # the Ks measured, not log-scale minor labels
+        ax.set_xticks(ticks, [f"{k:.0f}" for k in ticks])  # the Ks measured (K = all rounded), no minor labels
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("clean examples per class (K; rightmost: all)")
         ax.set_ylabel(f"test {mine[0]['metric_name']} ×100")
