@@ -2,7 +2,8 @@
 
 Call contracts (a user module with the same contract can be passed to ``SAMATrainer(meta_model=...)``):
 
-* reweighting: ``weight_net(losses: Tensor[B], logits: Tensor[B, C] | None) -> Tensor[B]`` (non-negative weights);
+* reweighting: ``weight_net(losses: Tensor[B], logits: Tensor[B, C] | None) -> Tensor[B]`` (non-negative weights),
+  called with a third argument ``features: Tensor[B, F]`` when the trainer has a ``meta_feature_column``;
 * label correction: ``correction_net(logits: Tensor[B, C], labels: Tensor[B] (class ids) or Tensor[B, C] (soft))
   -> Tensor[B, C]`` (a distribution over classes per example).
 
@@ -80,6 +81,9 @@ def normalize_weights_per_class(
 class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
     """Meta-Weight-Net: per-example weight = sigmoid(MLP(features)) from the detached per-example loss.
 
+    Its input is the loss, [the prediction's entropy,] [``num_features`` features of the example from the dataset,
+    e.g. how each labeling function voted relative to the given label (``sama_trainer.data.lf_agreement``)].
+
     Args:
         hidden_size: width of the hidden layer (100 as in Meta-Weight-Net).
         use_uncertainty: also feed the prediction's uncertainty: the entropy of the softmax of the base model's
@@ -91,6 +95,7 @@ class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
             cancels). Use it with ``normalize``: with batch-normalised weights the bias is a direction the meta loss
             does not depend on, yet Adam turns its tiny noisy gradients into full-size steps, so the bias drifts until
             the sigmoid saturates and the weights stop learning. Centring removes that direction.
+        num_features: width F of the per-example features passed as ``forward``'s third argument (0: none).
     """
 
     def __init__(
@@ -101,26 +106,40 @@ class MetaWeightNet(nn.Module, PyTorchModelHubMixin):
         weight_scale: float = 1.0,
         init_bias: float = 0.0,
         center: bool = False,
+        num_features: int = 0,
     ):
         super().__init__()
+        if num_features < 0:
+            raise ValueError(f"num_features must be >= 0, got {num_features}")
         self.use_uncertainty = use_uncertainty
         self.normalize = normalize
         self.weight_scale = weight_scale
         self.center = center
-        in_features = 2 if use_uncertainty else 1
+        self.num_features = num_features
+        in_features = (2 if use_uncertainty else 1) + num_features
         self.net = nn.Sequential(nn.Linear(in_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
         nn.init.constant_(self.net[2].bias, init_bias)
         if center:
             self.net[2].bias.requires_grad_(False)  # cancelled by the centring: keep Adam from drifting it
 
-    def forward(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, losses: torch.Tensor, logits: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         dtype = _work_dtype(self)
-        features = [losses.to(dtype).reshape(-1, 1)]
+        inputs = [losses.to(dtype).reshape(-1, 1)]
         if self.use_uncertainty:
             if logits is None:
                 raise ValueError("MetaWeightNet(use_uncertainty=True) needs the base model's logits")
-            features.append(_entropy(logits.to(dtype)).reshape(-1, 1))
-        z = self.net(torch.cat(features, dim=-1)).squeeze(-1)
+            inputs.append(_entropy(logits.to(dtype)).reshape(-1, 1))
+        if self.num_features:
+            if features is None or features.shape[-1] != self.num_features:
+                got = "none" if features is None else f"width {features.shape[-1]}"
+                raise ValueError(
+                    f"MetaWeightNet(num_features={self.num_features}) needs per-example features of that width "
+                    f"(got {got}): set meta_feature_column to the dataset column that holds them"
+                )
+            inputs.append(features.to(dtype).reshape(-1, self.num_features))
+        z = self.net(torch.cat(inputs, dim=-1)).squeeze(-1)
         if self.center:
             z = z - z.mean()
         weights = self.weight_scale * torch.sigmoid(z)
@@ -236,9 +255,9 @@ def register_meta_net(cls: type) -> type:
     return cls
 
 
-def build_weight_net(args: Any) -> MetaWeightNet:
+def build_weight_net(args: Any, num_features: int = 0) -> MetaWeightNet:
     """The weighting network a :class:`~sama_trainer.SAMAConfig` describes (``meta_hidden_size``, ``meta_weight_*``,
-    ``meta_init_bias``, ``meta_use_uncertainty``)."""
+    ``meta_init_bias``, ``meta_use_uncertainty``), reading ``num_features`` per-example features besides the loss."""
     return MetaWeightNet(
         hidden_size=args.meta_hidden_size,
         use_uncertainty=args.meta_use_uncertainty,
@@ -246,6 +265,7 @@ def build_weight_net(args: Any) -> MetaWeightNet:
         weight_scale=args.meta_weight_scale,
         init_bias=args.meta_init_bias,
         center=args.meta_weight_center,
+        num_features=num_features,
     )
 
 
@@ -295,8 +315,16 @@ def load_meta_model(path: str, meta_model: nn.Module | None = None) -> nn.Module
         return nn.ModuleDict({key: load_meta_model(os.path.join(path, key)) for key in subdirs})
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    # the registered net whose constructor takes exactly the saved arguments
+    # the registered net whose constructor takes exactly the saved arguments, else the only one that takes them all
+    # (a net saved before its class gained an argument with a default)
+    saved, fits = set(config), []
     for cls in _META_NETS:
-        if set(config) == set(inspect.signature(cls.__init__).parameters) - {"self"}:
+        params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        if saved == set(params):
             return cls.from_pretrained(path)
+        required = {k for k, v in params.items() if v.default is inspect.Parameter.empty}
+        if required <= saved <= set(params):
+            fits.append(cls)
+    if len(fits) == 1:
+        return fits[0].from_pretrained(path)
     raise ValueError(f"{path}: not a built-in meta net (config keys {sorted(config)}); pass meta_model= to load it")

@@ -30,7 +30,7 @@ from .losses import per_example_cross_entropy, soft_cross_entropy
 from .meta_nets import normalize_weights_per_class
 
 
-__all__ = ["LABEL_KEYS", "ClassificationObjective", "ExampleLosses", "MetaObjective", "pop_labels"]
+__all__ = ["LABEL_KEYS", "ClassificationObjective", "ExampleLosses", "MetaObjective", "feature_width", "pop_labels"]
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 
@@ -55,6 +55,8 @@ class ExampleLosses:
         features: what the weighting network receives besides the loss, [B, F] (classification: the logits, from
             which ``MetaWeightNet`` derives the prediction's uncertainty).
         example_ids: dataset indices [B] of the examples, when the batch carries them (weight statistics).
+        example_features: per-example features [B, F] read from the dataset (``meta_feature_column``), the
+            weighting network's third input.
     """
 
     losses: torch.Tensor
@@ -62,6 +64,7 @@ class ExampleLosses:
     logits: torch.Tensor | None = None
     features: torch.Tensor | None = None
     example_ids: torch.Tensor | None = None
+    example_features: torch.Tensor | None = None
 
 
 class MetaObjective:
@@ -114,6 +117,24 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+def feature_width(dataset: Any, column: str) -> int:
+    """The width F of the per-example feature vectors in ``dataset``'s ``column`` (read from its first row)."""
+    names = getattr(dataset, "column_names", None)
+    if dataset is None or (names is not None and column not in names):
+        raise ValueError(
+            f"meta_feature_column={column!r} is not a column of the training dataset (columns: {names}); add it "
+            "(for weak labels: sama_trainer.data.add_lf_agreement) or unset meta_feature_column"
+        )
+    try:
+        row = dataset[0][column]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"meta_feature_column={column!r}: the first training row has no such value ({e})") from e
+    width = len(row) if hasattr(row, "__len__") else 0
+    if width < 1:
+        raise ValueError(f"meta_feature_column={column!r} must hold a non-empty list of numbers per row, got {row!r}")
+    return width
+
+
 class ClassificationObjective(MetaObjective):
     """Sequence classification with example reweighting, label correction or both (the default objective).
 
@@ -128,6 +149,9 @@ class ClassificationObjective(MetaObjective):
         normalize_by_class: rescale the weights to mean 1 within each given class of the batch.
         id_column: batch key holding the examples' dataset indices (kept away from the model; used for weight
             statistics when present).
+        feature_column: batch key holding per-example features [F] for the weighting network (kept away from the
+            model), e.g. the labeling functions' votes relative to the given label (``data.lf_agreement``).
+        num_features: their width F (the default weighting network's extra inputs).
     """
 
     def __init__(
@@ -136,34 +160,54 @@ class ClassificationObjective(MetaObjective):
         correct: bool = False,
         normalize_by_class: bool = False,
         id_column: str | None = "example_id",
+        feature_column: str | None = None,
+        num_features: int = 0,
     ):
         if not (reweight or correct):
             raise ValueError("ClassificationObjective needs reweight=True, correct=True or both")
+        if feature_column and not reweight:
+            raise ValueError("per-example features (meta_feature_column) feed the weighting net: reweight=True")
         self.reweight, self.correct = reweight, correct
         self.normalize_by_class = normalize_by_class
         self.id_column = id_column
-        self.input_columns = (id_column,) if id_column else ()
+        self.feature_column = feature_column
+        self.num_features = num_features if feature_column else 0
+        self.input_columns = tuple(c for c in (id_column, feature_column) if c)
 
     @classmethod
-    def from_config(cls, args: Any) -> ClassificationObjective:
-        """The objective a :class:`~sama_trainer.SAMAConfig` describes (``meta_objective`` and friends)."""
+    def from_config(cls, args: Any, train_dataset: Any = None) -> ClassificationObjective:
+        """The objective a :class:`~sama_trainer.SAMAConfig` describes (``meta_objective`` and friends); the width
+        of ``meta_feature_column`` is read from the first row of ``train_dataset``."""
+        column = getattr(args, "meta_feature_column", None)
         return cls(
             reweight="reweight" in args.meta_objective,
             correct="correct" in args.meta_objective,
             normalize_by_class=args.meta_weight_normalize_by_class,
             id_column=args.example_id_column,
+            feature_column=column,
+            num_features=feature_width(train_dataset, column) if column else 0,
         )
 
     def _split(self, inputs: dict) -> tuple[dict, Any, torch.Tensor | None]:
         inputs = dict(inputs)
         ids = inputs.pop(self.id_column, None) if self.id_column else None
+        if self.feature_column:
+            inputs.pop(self.feature_column, None)
         return inputs, pop_labels(inputs), ids
 
     def example_losses(self, model: nn.Module, inputs: dict) -> ExampleLosses:
+        extra = inputs.get(self.feature_column) if self.feature_column else None
+        if self.feature_column and extra is None:
+            raise ValueError(
+                f"the batch has no {self.feature_column!r} (meta_feature_column): add the column to the training "
+                "dataset, or unset meta_feature_column"
+            )
         inputs, labels, ids = self._split(inputs)
         logits = model(**inputs).logits
         losses = per_example_cross_entropy(logits, labels)
-        return ExampleLosses(losses, labels=labels, logits=logits, features=logits, example_ids=ids)
+        return ExampleLosses(
+            losses, labels=labels, logits=logits, features=logits, example_ids=ids, example_features=extra
+        )
 
     def _part(self, meta_model: nn.Module, name: str) -> nn.Module:
         both = self.reweight and self.correct
@@ -175,7 +219,10 @@ class ClassificationObjective(MetaObjective):
 
     def example_weights(self, meta_model: nn.Module, losses: torch.Tensor, examples: ExampleLosses) -> torch.Tensor:
         """The weighting network's weights [B] for the (detached) per-example ``losses``."""
-        weights = self._part(meta_model, "reweight")(losses.detach(), _detached(examples.features))
+        inputs = (losses.detach(), _detached(examples.features))
+        if examples.example_features is not None:
+            inputs += (examples.example_features.detach(),)
+        weights = self._part(meta_model, "reweight")(*inputs)
         if self.normalize_by_class:
             if not isinstance(examples.labels, torch.Tensor):
                 raise ValueError("meta_weight_normalize_by_class needs class labels (a tensor) in the batch")
@@ -210,11 +257,12 @@ class ClassificationObjective(MetaObjective):
 
         if self.correct and (not num_labels or num_labels < 2):
             raise ValueError("label correction needs model.config.num_labels >= 2 or an explicit meta_model")
+        weight_net = build_weight_net(args, self.num_features) if self.reweight else None
         if not self.correct:
-            return build_weight_net(args)
+            return weight_net
         if not self.reweight:
             return build_correction_net(args, num_labels)
-        return nn.ModuleDict({"reweight": build_weight_net(args), "correct": build_correction_net(args, num_labels)})
+        return nn.ModuleDict({"reweight": weight_net, "correct": build_correction_net(args, num_labels)})
 
     def check_meta_model(self, meta_model: nn.Module) -> None:
         if (

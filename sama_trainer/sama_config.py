@@ -67,6 +67,11 @@ class SAMAConfig(TrainingArguments):
             Rescale the weights to mean 1 within each given class of the batch (any weight net): weights then only
             move trust between examples of the same class and cannot shift the class balance of the training labels
             (a loss-fed weight net otherwise tends to learn per-class weights, and can silence a minority class).
+        meta_feature_column (`str`, *optional*):
+            A training-set column of per-example number lists (all of one width F) that the weighting net reads
+            besides the loss, e.g. how each labeling function voted relative to the given label
+            ([`data.add_lf_agreement`]): the meta net can then learn which sources of labels to trust. The trainer
+            keeps the column away from the model; the default weighting net gets F more inputs.
         correction_type (`str`, defaults to `"free"`):
             Default label-correction net: `"free"` ([`LabelCorrectionNet`]: any soft label from the model's logits and
             the given label) or `"bootstrap"` ([`BootstrapCorrectionNet`]: a per-example mix of the given label and
@@ -141,6 +146,10 @@ class SAMAConfig(TrainingArguments):
     meta_weight_normalize_by_class: bool = field(
         default=False, metadata={"help": "Normalise weights to mean 1 within each given class of the batch."}
     )
+    meta_feature_column: str | None = field(
+        default=None,
+        metadata={"help": "Training-set column of per-example features the weighting net reads besides the loss."},
+    )
     correction_type: str = field(
         default="free",
         metadata={"help": "Default label-correction net: free | bootstrap", "choices": CORRECTION_TYPES},
@@ -203,6 +212,11 @@ class SAMAConfig(TrainingArguments):
             )
         if self.meta_warmup_steps < 0:
             raise ValueError("meta_warmup_steps must be >= 0")
+        if self.meta_feature_column and "reweight" not in self.meta_objective:
+            raise ValueError(
+                f"meta_feature_column feeds the weighting net, but meta_objective={self.meta_objective!r} does not "
+                "reweight: use 'reweight' or 'reweight+correct', or unset meta_feature_column"
+            )
         if self.correction_type not in CORRECTION_TYPES:
             raise ValueError(f"correction_type must be one of {CORRECTION_TYPES}, got {self.correction_type!r}")
         if self.correction_mix_noisy and self.correction_type != "free":

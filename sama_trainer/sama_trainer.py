@@ -128,7 +128,7 @@ class SAMATrainer(Trainer):
             )
         if getattr(args, "ddp_static_graph", False):
             raise ValueError("ddp_static_graph=True is incompatible with SAMA's periodic meta step; leave it False.")
-        self.objective = objective or ClassificationObjective.from_config(args)
+        self.objective = objective or ClassificationObjective.from_config(args, train_dataset)
         model = self._wrap_peft(model, peft_config)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if args.world_size > 1:
