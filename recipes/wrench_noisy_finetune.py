@@ -43,7 +43,7 @@ from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer
 
 from sama_trainer import CrossFitMetaSet, HeldOutBaseUpdate, SAMAConfig, SAMAParser
-from sama_trainer.data import load_cosine, load_wrench, make_synthetic_weak_supervision
+from sama_trainer.data import LF_AGREEMENT_COLUMN, load_cosine, load_wrench, make_synthetic_weak_supervision
 from sama_trainer.data.preparation import (
     WeakSupervisionTask,
     carve_train_from_valid,
@@ -136,6 +136,13 @@ class ScriptArguments:
         metadata={
             "help": "With --meta_fraction < 1: the held-out rest of the clean set becomes SAMA's meta set for the "
             "second half of the meta steps (the parts swap; every clean example is a meta example for a while)."
+        },
+    )
+    lf_features: bool = field(
+        default=False,
+        metadata={
+            "help": "SAMA's weighting net also reads how each labeling function voted relative to the training "
+            "label (+1 / -1 / 0 abstain; sets --meta_feature_column lf_agreement)."
         },
     )
     tune_on_valid_fold: int | None = field(
@@ -296,7 +303,7 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
     if spec.sama:
         sama_fields = ("meta_objective", "meta_gradient", "meta_learning_rate", "correction_meta_learning_rate")
         sama_fields += ("unroll_steps", "sama_base_update", "sama_base_update_follows_lr")
-        sama_fields += ("meta_weight_normalize", "meta_weight_normalize_by_class")
+        sama_fields += ("meta_weight_normalize", "meta_weight_normalize_by_class", "meta_feature_column")
         results.update({name: getattr(args, name) for name in sama_fields}, sama_alpha=args.meta_alpha)
         results.update(meta_steps=trainer.meta_step_count, meta_steps_skipped=trainer.meta_steps_skipped)
         results["sama_clean_mode"] = script_args.sama_clean_mode if method == "sama_rc_clean" else None
@@ -463,7 +470,10 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
         tokenizer = load_pretrained_tokenizer(model_name, builtin=(TINY_BERT,))
     task = prepare_task(data, name, tokenizer, max_length=script_args.max_seq_length,
                         clean_per_class=script_args.clean_per_class, soft_labels=script_args.soft_labels,
-                        exclude_labeled_ids=script_args.exclude_labeled_ids, seed=training_args.seed)  # fmt: skip
+                        exclude_labeled_ids=script_args.exclude_labeled_ids, lf_features=script_args.lf_features,
+                        seed=training_args.seed)  # fmt: skip
+    if script_args.lf_features:
+        training_args = dataclasses.replace(training_args, meta_feature_column=LF_AGREEMENT_COLUMN)
     root = training_args.output_dir
     if root in (None, "trainer_output"):
         root = os.path.join("outputs", "wrench", name, f"seed{training_args.seed}")

@@ -152,6 +152,17 @@ def test_sama_rc_end_to_end(recipe, wrench_dir, tmp_path):
     assert not reweight.net[2].bias.requires_grad
 
 
+def test_lf_features_feed_the_labeling_functions_votes_to_the_weighting_net(recipe, wrench_dir, tmp_path):
+    results = _run(
+        recipe, wrench_dir, tmp_path, "--method", "finetune,sama_r", "--lf_features", "true", "--unroll_steps", "2",
+    )  # fmt: skip
+    finetune, sama = results
+    assert "meta_feature_column" not in finetune and sama["meta_feature_column"] == "lf_agreement"
+    net = load_meta_model(str(tmp_path / "sama_r" / "sama_meta_model"))
+    assert isinstance(net, MetaWeightNet) and net.num_features == load_wrench(wrench_dir).num_lfs
+    assert sama["meta_steps"] == 2 and 0.0 <= sama["test_metric"] <= 1.0
+
+
 def test_stratified_part_takes_a_seeded_share_of_every_class():
     labels = np.array([0] * 10 + [1] * 4 + [2] * 1)
     part = stratified_part(labels, 0.5, seed=3)

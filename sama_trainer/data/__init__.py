@@ -3,9 +3,12 @@
 from .synthetic import make_synthetic_weak_supervision, write_wrench_format
 from .weak_supervision import (
     ABSTAIN,
+    LF_AGREEMENT_COLUMN,
     WeakSupervisionData,
     WeakSupervisionFormatError,
+    add_lf_agreement,
     apply_label_model,
+    lf_agreement,
     load_cosine,
     load_wrench,
     majority_vote,
@@ -16,9 +19,12 @@ from .weak_supervision import (
 
 __all__ = [
     "ABSTAIN",
+    "LF_AGREEMENT_COLUMN",
     "WeakSupervisionData",
     "WeakSupervisionFormatError",
+    "add_lf_agreement",
     "apply_label_model",
+    "lf_agreement",
     "load_cosine",
     "load_wrench",
     "majority_vote",

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .weak_supervision import WeakSupervisionData, apply_label_model, load_wrench, subsample_per_class
+from .weak_supervision import (
+    WeakSupervisionData,
+    add_lf_agreement,
+    apply_label_model,
+    load_wrench,
+    subsample_per_class,
+)
 
 
 __all__ = [
@@ -131,11 +137,14 @@ def prepare_task(
     clean_per_class: int | None = None,
     soft_labels: bool = False,
     exclude_labeled_ids: bool = False,
+    lf_features: bool = False,
     seed: int = 0,
 ) -> WeakSupervisionTask:
     """Majority-vote training labels, the (optionally subsampled: ``clean_per_class`` per class, seeded) valid split
     as the clean set, and the tokenised splits. ``exclude_labeled_ids`` drops WRENCH's ``labeled_ids.json`` rows from
-    the training split."""
+    the training split. ``lf_features`` adds an ``lf_agreement`` column (:func:`~sama_trainer.data.lf_agreement`,
+    the votes against each row's training label) to ``train_tok`` and ``clean_as_train_tok``, for
+    ``SAMAConfig.meta_feature_column``."""
     for split in ("train", "valid", "test"):
         if split not in data or len(data[split]) == 0:
             raise ValueError(f"dataset {name!r} has no (or an empty) {split!r} split")
@@ -155,6 +164,11 @@ def prepare_task(
         clean_as_train = np.eye(num_labels, dtype=np.float32)[clean["label"]].tolist()
     else:
         train_labels, clean_as_train = list(train["weak_label"]), list(clean["label"])
+    train_tok = _tokenize(train, tokenizer, max_length, train_labels, with_ids=True)
+    clean_as_train_tok = _tokenize(clean, tokenizer, max_length, clean_as_train)
+    if lf_features:
+        train_tok = add_lf_agreement(train_tok, train["weak_labels"])
+        clean_as_train_tok = add_lf_agreement(clean_as_train_tok, clean["weak_labels"])
     return WeakSupervisionTask(
         name=name,
         label_names=list(data.label_names),
@@ -162,10 +176,10 @@ def prepare_task(
         train=train,
         clean=clean,
         test=data["test"],
-        train_tok=_tokenize(train, tokenizer, max_length, train_labels, with_ids=True),
+        train_tok=train_tok,
         clean_tok=_tokenize(clean, tokenizer, max_length, list(clean["label"])),
         test_tok=_tokenize(data["test"], tokenizer, max_length, list(data["test"]["label"])),
-        clean_as_train_tok=_tokenize(clean, tokenizer, max_length, clean_as_train),
+        clean_as_train_tok=clean_as_train_tok,
     )
 
 

@@ -455,6 +455,42 @@ def apply_label_model(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Features of the labeling functions' votes
+# ----------------------------------------------------------------------------------------------------------------
+
+LF_AGREEMENT_COLUMN = "lf_agreement"
+
+
+def lf_agreement(weak_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """How each labeling function voted relative to each row's label: ``[n, m]`` float32, ``+1`` where LF ``j`` voted
+    the label, ``-1`` where it voted another class, ``0`` where it abstained.
+
+    As per-example features of the weighting net (``SAMAConfig.meta_feature_column``) they let the meta net learn,
+    from the clean set, which labeling functions and which patterns of agreement to trust.
+    """
+    L = np.asarray(weak_labels, dtype=np.int64)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1, 1)
+    if L.ndim != 2 or L.shape[0] != y.shape[0]:
+        raise ValueError(f"weak_labels must be [n, m] and labels [n]; got {L.shape} and {y.shape[0]} labels")
+    voted = L != ABSTAIN
+    return np.where(voted, np.where(L == y, 1.0, -1.0), 0.0).astype(np.float32)
+
+
+def add_lf_agreement(
+    dataset: Dataset, weak_labels: Any, label_column: str = "labels", column: str = LF_AGREEMENT_COLUMN
+) -> Dataset:
+    """``dataset`` with a ``column`` of :func:`lf_agreement` features: the votes ``weak_labels`` (``[n, m]``, one
+    row per row of ``dataset``) against its ``label_column`` (class ids, or soft labels: their argmax)."""
+    labels = np.asarray(dataset[label_column])
+    if labels.ndim == 2:
+        labels = labels.argmax(-1)
+    features = lf_agreement(np.asarray(weak_labels), labels)
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    return dataset.add_column(column, features.tolist(), feature=List(Value("float32")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Subsampling
 # ----------------------------------------------------------------------------------------------------------------
 
