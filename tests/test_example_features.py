@@ -176,3 +176,34 @@ def test_prepare_task_adds_the_votes_against_each_rows_training_label():
         LF_AGREEMENT_COLUMN not in task.clean_tok.column_names
         and LF_AGREEMENT_COLUMN not in task.test_tok.column_names
     )
+
+
+def _write_split(path, rows: list[tuple[int, list[int]]]) -> None:
+    split = {
+        str(i): {"label": y, "weak_labels": votes, "data": {"text": f"t{i}"}} for i, (y, votes) in enumerate(rows)
+    }
+    path.write_text(json.dumps(split))
+
+
+def test_vote_probe_finds_a_labeling_function_that_is_always_wrong(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "lf_vote_probe", Path(__file__).resolve().parents[1] / "recipes" / "lf_vote_probe.py"
+    )
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    # LF 0 votes the true class, LF 1 the other class; a row that only LF 1 covers gets a wrong majority vote
+    rows = [(y, [y, -1]) for y in (0, 1)] * 6 + [(y, [-1, 1 - y]) for y in (0, 1)] * 4
+    folder = tmp_path / "one_bad_lf"
+    folder.mkdir()
+    (folder / "label.json").write_text(json.dumps({"0": "a", "1": "b"}))
+    for split in ("train", "valid", "test"):
+        _write_split(folder / f"{split}.json", rows)
+    assert probe.probe(folder, "all", seed=0) == 1.0
+    # a clean set whose gold labels say the opposite teaches the opposite ranking
+    _write_split(folder / "valid.json", [(1 - y, votes) for y, votes in rows])
+    assert probe.probe(folder, "all", seed=0) == 0.0
+    _write_split(folder / "valid.json", rows[:12])  # every clean majority vote right: nothing to learn
+    assert probe.probe(folder, "all", seed=0) is None
