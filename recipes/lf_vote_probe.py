@@ -7,41 +7,65 @@ noise AUROC (gold training labels, as in the WRENCH recipe's diagnostics). It is
 net could learn from ``--lf_features`` with the same clean set, without meta learning::
 
     python recipes/lf_vote_probe.py --datasets youtube,sms,trec --clean_per_class 10,all --seeds 0,1,2
+
+With ``--weights`` it reads the ``example_weights.jsonl`` of WRENCH recipe runs instead and says what their weighting
+nets learned about the votes: the mean weight of the training rows on which some labeling function voted against
+the majority vote, and of the others, next to how often each group's majority vote is wrong::
+
+    python recipes/lf_vote_probe.py --dataset trec --weights outputs/wrench_fold0_lf/trec/kall/sama_rc_clean/seed*/example_weights.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from sama_trainer.data import lf_agreement, load_wrench, majority_vote, subsample_per_class
+from sama_trainer.data import apply_label_model, lf_agreement, load_wrench, subsample_per_class
 from sama_trainer.diagnostics import auroc
 
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wrench"
 
 
-def vote_features(split, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(features [n, m], majority vote right [n]) of the covered rows of ``split``, ties broken as WRENCH does."""
-    votes = np.asarray(split["weak_labels"])
-    mv, covered = majority_vote(votes, num_classes, tie_break="wrench")
-    votes, mv, gold = votes[covered], mv[covered], np.asarray(split["label"])[covered]
-    return lf_agreement(votes, mv), mv == gold
+def vote_features(split, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features [n, m], majority vote right [n], ids) of the covered rows of ``split``: the WRENCH recipe's
+    training labels (uncovered rows dropped, ties broken as WRENCH does)."""
+    covered = apply_label_model(split, num_classes, drop_uncovered=True, tie_break="wrench")
+    mv = np.asarray(covered["weak_label"])
+    return lf_agreement(np.asarray(covered["weak_labels"]), mv), mv == np.asarray(covered["label"]), covered["id"]
 
 
 def probe(folder: Path, k: str, seed: int) -> float | None:
     """Noise AUROC on the training split of a logistic regression fit on the clean set (None: one outcome only)."""
     data = load_wrench(folder)
     clean = data["valid"] if k == "all" else subsample_per_class(data["valid"], int(k), seed=seed)
-    x_clean, right_clean = vote_features(clean, data.num_classes)
+    x_clean, right_clean, _ = vote_features(clean, data.num_classes)
     if right_clean.all() or not right_clean.any():
         return None
     model = LogisticRegression(max_iter=1000).fit(x_clean, right_clean)
-    x_train, right_train = vote_features(data["train"], data.num_classes)
+    x_train, right_train, _ = vote_features(data["train"], data.num_classes)
     return auroc(~right_train, -model.predict_proba(x_train)[:, 1])  # a low P(right) ranks a wrong label first
+
+
+def weights_by_vote_conflict(folder: Path, weights_file: str) -> str:
+    """One table row: a run's noise AUROC and its mean weight on training rows with and without a dissenting vote."""
+    data = load_wrench(folder)
+    features, right, ids = vote_features(data["train"], data.num_classes)
+    wrong, dissent = ~right, (features < 0).any(axis=1)
+    with open(weights_file, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    if [r["id"] for r in rows] != list(ids):
+        raise ValueError(f"{weights_file}: its rows are not the covered training rows of {folder}")
+    w = np.array([r["weight"] for r in rows])
+    noise_auroc = auroc(wrong, -w)
+    return (
+        f"| {weights_file} | {noise_auroc:.3f} | {w[dissent].mean():.2f} ({wrong[dissent].mean():.0%} wrong) | "
+        f"{w[~dissent].mean():.2f} ({wrong[~dissent].mean():.0%} wrong) |"
+    )
 
 
 def main() -> None:
@@ -50,7 +74,18 @@ def main() -> None:
     parser.add_argument("--datasets", default="youtube,sms,trec")
     parser.add_argument("--clean_per_class", default="10,all", help="Comma list of K (or 'all').")
     parser.add_argument("--seeds", default="0,1,2", help="Seeds of the clean-set draw (as the WRENCH recipe's).")
+    parser.add_argument("--dataset", default=None, help="With --weights: the dataset the runs trained on.")
+    parser.add_argument("--weights", nargs="*", default=None, help="example_weights.jsonl files of recipe runs.")
     args = parser.parse_args()
+    if args.weights:
+        if not args.dataset:
+            parser.error("--weights needs --dataset (the WRENCH folder name the runs trained on)")
+        print(
+            "| run | noise AUROC | mean weight, rows with a dissenting vote | the other rows |\n|---|---:|---:|---:|"
+        )
+        for path in args.weights:
+            print(weights_by_vote_conflict(Path(args.data_root) / args.dataset, path))
+        return
     print("| dataset | K | noise AUROC of the vote probe, per seed | mean |\n|---|---|---|---:|")
     for name in args.datasets.split(","):
         for k in args.clean_per_class.split(","):
