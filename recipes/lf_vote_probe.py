@@ -12,7 +12,8 @@ With ``--weights`` it reads the ``example_weights.jsonl`` of WRENCH recipe runs 
 nets learned about the votes: the mean weight of the training rows on which some labeling function voted against
 the majority vote, and of the others, next to how often each group's majority vote is wrong::
 
-    python recipes/lf_vote_probe.py --dataset trec --weights outputs/wrench_fold0_lf/trec/kall/sama_rc_clean/seed*/example_weights.jsonl
+    python recipes/lf_vote_probe.py --dataset trec \\
+        --weights outputs/wrench_fold0_lf/trec/kall/sama_rc_clean/seed*/example_weights.jsonl
 """
 
 from __future__ import annotations
