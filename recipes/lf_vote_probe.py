@@ -52,15 +52,19 @@ def probe(folder: Path, k: str, seed: int) -> float | None:
     return auroc(~right_train, -model.predict_proba(x_train)[:, 1])  # a low P(right) ranks a wrong label first
 
 
-def weights_by_vote_conflict(folder: Path, weights_file: str) -> str:
-    """One table row: a run's noise AUROC and its mean weight on training rows with and without a dissenting vote."""
+def weights_by_vote_conflict(folder: Path, weights_files: list[str]) -> list[str]:
+    """Table rows: each run's noise AUROC and its mean weight on training rows with and without a dissenting vote."""
     data = load_wrench(folder)
     features, right, ids = vote_features(data["train"], data.num_classes)
     wrong, dissent = ~right, (features < 0).any(axis=1)
+    return [_conflict_row(path, list(ids), wrong, dissent) for path in weights_files]
+
+
+def _conflict_row(weights_file: str, ids: list[str], wrong: np.ndarray, dissent: np.ndarray) -> str:
     with open(weights_file, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    if [r["id"] for r in rows] != list(ids):
-        raise ValueError(f"{weights_file}: its rows are not the covered training rows of {folder}")
+    if [r["id"] for r in rows] != ids:
+        raise ValueError(f"{weights_file}: its rows are not the covered training rows of the dataset")
     w = np.array([r["weight"] for r in rows])
     noise_auroc = auroc(wrong, -w)
     return (
@@ -84,8 +88,7 @@ def main() -> None:
         print(
             "| run | noise AUROC | mean weight, rows with a dissenting vote | the other rows |\n|---|---:|---:|---:|"
         )
-        for path in args.weights:
-            print(weights_by_vote_conflict(Path(args.data_root) / args.dataset, path))
+        print("\n".join(weights_by_vote_conflict(Path(args.data_root) / args.dataset, args.weights)))
         return
     print("| dataset | K | noise AUROC of the vote probe, per seed | mean |\n|---|---|---|---:|")
     for name in args.datasets.split(","):
