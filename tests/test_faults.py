@@ -154,6 +154,9 @@ def test_no_find_unused_parameters_warning_by_default(faults):
 # an exception on one rank, a rank that stops answering
 
 
+ENDED_WITH_AN_ERROR = (1, -signal.SIGABRT)
+
+
 def test_exception_in_one_ranks_meta_step_ends_the_job_on_every_rank(tmp_path):
     """No launcher stops the other rank here: each process must end by itself, with an error."""
     ranks = launch_ranks(2, tmp_path, "errors", "--out", str(tmp_path), timeout=180)
@@ -167,7 +170,9 @@ def test_exception_in_one_ranks_meta_step_ends_the_job_on_every_rank(tmp_path):
     assert bad["meta_net"]["type"] == "RuntimeError"
     assert good["meta_net"]["type"] == "MetaStepFailedOnAnotherRank"
     assert {r["meta_net"]["step"] for r in records} == {FAULT_STEP - 1}  # both stopped in the same meta step
-    assert bad_rc == good_rc == 1
+    # exit code 1 from the uncaught error; gloo's teardown at interpreter exit sometimes aborts after the error was
+    # printed (SIGABRT), which ends the process with an error just as well
+    assert bad_rc in ENDED_WITH_AN_ERROR and good_rc in ENDED_WITH_AN_ERROR, (bad_rc, good_rc)
     assert "RuntimeError: injected meta-net failure on rank 1" in bad_output
     assert "MetaStepFailedOnAnotherRank: the meta step raised an exception on 1 other rank" in good_output
 
