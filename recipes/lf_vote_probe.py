@@ -1,10 +1,10 @@
 """How much the labeling functions' votes tell about wrong majority-vote labels, learned from the clean set alone.
 
-For each WRENCH folder and clean-set size K, a logistic regression is fit on the clean examples' vote features
-(``sama_trainer.data.lf_agreement``: +1 / -1 / 0 per labeling function, against the row's majority vote) to predict
-whether the majority vote is right (the clean examples' gold labels say), and scored on the training split by the
-noise AUROC (gold training labels, as in the WRENCH recipe's diagnostics). It is a reference for what the weighting
-net could learn from ``--lf_features`` with the same clean set, without meta learning::
+For each WRENCH folder and clean-set size K, the vote prior (``sama_trainer.data.fit_vote_prior``: a logistic
+regression fit on the clean examples' vote features, +1 / -1 / 0 per labeling function against the row's majority
+vote, to predict whether the majority vote is right) is scored on the training split by the noise AUROC (gold
+training labels, as in the WRENCH recipe's diagnostics). It is a reference for what the weighting net could learn
+from ``--lf_features`` with the same clean set, without meta learning, and what ``--vote_prior`` weights by::
 
     python recipes/lf_vote_probe.py --datasets youtube,sms,trec --clean_per_class 10,all --seeds 0,1,2
 
@@ -23,33 +23,25 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
-from sama_trainer.data import apply_label_model, lf_agreement, load_wrench, subsample_per_class
+from sama_trainer.data import fit_vote_prior, load_wrench, subsample_per_class, vote_features
 from sama_trainer.diagnostics import auroc
 
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wrench"
 
 
-def vote_features(split, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(features [n, m], majority vote right [n], ids) of the covered rows of ``split``: the WRENCH recipe's
-    training labels (uncovered rows dropped, ties broken as WRENCH does)."""
-    covered = apply_label_model(split, num_classes, drop_uncovered=True, tie_break="wrench")
-    mv = np.asarray(covered["weak_label"])
-    return lf_agreement(np.asarray(covered["weak_labels"]), mv), mv == np.asarray(covered["label"]), covered["id"]
-
-
 def probe(folder: Path, k: str, seed: int) -> float | None:
-    """Noise AUROC on the training split of a logistic regression fit on the clean set (None: one outcome only)."""
+    """Noise AUROC on the training split of the vote prior fit on the clean set (None: the clean set's majority votes
+    are all right or all wrong)."""
     data = load_wrench(folder)
     clean = data["valid"] if k == "all" else subsample_per_class(data["valid"], int(k), seed=seed)
-    x_clean, right_clean, _ = vote_features(clean, data.num_classes)
-    if right_clean.all() or not right_clean.any():
+    try:
+        prior = fit_vote_prior(clean, data.num_classes)
+    except ValueError:
         return None
-    model = LogisticRegression(max_iter=1000).fit(x_clean, right_clean)
     x_train, right_train, _ = vote_features(data["train"], data.num_classes)
-    return auroc(~right_train, -model.predict_proba(x_train)[:, 1])  # a low P(right) ranks a wrong label first
+    return auroc(~right_train, -prior(x_train))  # a low P(right) ranks a wrong label first
 
 
 def weights_by_vote_conflict(folder: Path, weights_files: list[str]) -> list[str]:

@@ -43,7 +43,13 @@ from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer
 
 from sama_trainer import CrossFitMetaSet, HeldOutBaseUpdate, SAMAConfig, SAMAParser
-from sama_trainer.data import LF_AGREEMENT_COLUMN, load_cosine, load_wrench, make_synthetic_weak_supervision
+from sama_trainer.data import (
+    LF_AGREEMENT_COLUMN,
+    VOTE_PRIOR_COLUMN,
+    load_cosine,
+    load_wrench,
+    make_synthetic_weak_supervision,
+)
 from sama_trainer.data.preparation import (
     WeakSupervisionTask,
     carve_train_from_valid,
@@ -51,7 +57,7 @@ from sama_trainer.data.preparation import (
     load_wrench_from_hub,
     prepare_task,
 )
-from sama_trainer.diagnostics import weight_diagnostics
+from sama_trainer.diagnostics import auroc, weight_diagnostics
 from sama_trainer.model_card import CardMetric, build_model_card
 from sama_trainer.pipelines import fit_with_clean_set
 from sama_trainer.pretrained import TINY_BERT, build_word_tokenizer, load_classifier, load_pretrained_tokenizer
@@ -143,6 +149,14 @@ class ScriptArguments:
         metadata={
             "help": "SAMA's weighting net also reads how each labeling function voted relative to the training "
             "label (+1 / -1 / 0 abstain; sets --meta_feature_column lf_agreement)."
+        },
+    )
+    vote_prior: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight each training example by P(its label is right | the labeling functions' votes), a "
+            "logistic regression fit on the clean set (every method that trains on the weak labels; with SAMA it "
+            "multiplies the learned weights; sets --example_weight_column vote_prior)."
         },
     )
     tune_on_valid_fold: int | None = field(
@@ -295,11 +309,16 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
         "mv_accuracy": task.weak_label_accuracy,
         "model": base_model or Path(model_name).name,
         "soft_labels": script_args.soft_labels,
+        "example_weight_column": args.example_weight_column if spec.data != "clean" else None,
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "world_size": args.world_size,
         "device": f"cuda: {torch.cuda.get_device_name(args.device)}" if args.device.type == "cuda" else "cpu",
     }
+    if VOTE_PRIOR_COLUMN in task.train_tok.column_names:  # how the prior ranks the wrong labels (gold: diagnostics)
+        prior = np.asarray(task.train_tok[VOTE_PRIOR_COLUMN])
+        wrong = np.asarray(task.train["weak_label"]) != np.asarray(task.train["label"])
+        results.update(vote_prior_noise_auroc=auroc(wrong, -prior), vote_prior_mean=float(prior.mean()))
     if spec.sama:
         sama_fields = ("meta_objective", "meta_gradient", "meta_learning_rate", "correction_meta_learning_rate")
         sama_fields += ("unroll_steps", "sama_base_update", "sama_base_update_follows_lr")
@@ -471,9 +490,11 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
     task = prepare_task(data, name, tokenizer, max_length=script_args.max_seq_length,
                         clean_per_class=script_args.clean_per_class, soft_labels=script_args.soft_labels,
                         exclude_labeled_ids=script_args.exclude_labeled_ids, lf_features=script_args.lf_features,
-                        seed=training_args.seed)  # fmt: skip
+                        vote_prior=script_args.vote_prior, seed=training_args.seed)  # fmt: skip
     if script_args.lf_features:
         training_args = dataclasses.replace(training_args, meta_feature_column=LF_AGREEMENT_COLUMN)
+    if script_args.vote_prior:
+        training_args = dataclasses.replace(training_args, example_weight_column=VOTE_PRIOR_COLUMN)
     root = training_args.output_dir
     if root in (None, "trainer_output"):
         root = os.path.join("outputs", "wrench", name, f"seed{training_args.seed}")

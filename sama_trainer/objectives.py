@@ -57,6 +57,8 @@ class ExampleLosses:
         example_ids: dataset indices [B] of the examples, when the batch carries them (weight statistics).
         example_features: per-example features [B, F] read from the dataset (``meta_feature_column``), the
             weighting network's third input.
+        given_weights: fixed per-example weights [B] read from the dataset (``example_weight_column``), multiplying
+            the learned weights.
     """
 
     losses: torch.Tensor
@@ -65,6 +67,7 @@ class ExampleLosses:
     features: torch.Tensor | None = None
     example_ids: torch.Tensor | None = None
     example_features: torch.Tensor | None = None
+    given_weights: torch.Tensor | None = None
 
 
 class MetaObjective:
@@ -117,6 +120,17 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+def _column(inputs: dict, column: str | None, option: str) -> torch.Tensor | None:
+    """The batch's ``column`` (None if no column is configured); a clear error if the batch lacks it."""
+    if not column:
+        return None
+    if inputs.get(column) is None:
+        raise ValueError(
+            f"the batch has no {column!r} ({option}): add the column to the training dataset, or unset {option}"
+        )
+    return inputs[column]
+
+
 def feature_width(dataset: Any, column: str) -> int:
     """The width F of the per-example feature vectors in ``dataset``'s ``column`` (read from its first row)."""
     names = getattr(dataset, "column_names", None)
@@ -152,6 +166,9 @@ class ClassificationObjective(MetaObjective):
         feature_column: batch key holding per-example features [F] for the weighting network (kept away from the
             model), e.g. the labeling functions' votes relative to the given label (``data.lf_agreement``).
         num_features: their width F (the default weighting network's extra inputs).
+        weight_column: batch key holding fixed per-example weights [B] (kept away from the model) that multiply each
+            example's loss: times the learned weights with ``reweight`` (after ``normalize_by_class``), alone
+            otherwise.
     """
 
     def __init__(
@@ -162,6 +179,7 @@ class ClassificationObjective(MetaObjective):
         id_column: str | None = "example_id",
         feature_column: str | None = None,
         num_features: int = 0,
+        weight_column: str | None = None,
     ):
         if not (reweight or correct):
             raise ValueError("ClassificationObjective needs reweight=True, correct=True or both")
@@ -172,7 +190,8 @@ class ClassificationObjective(MetaObjective):
         self.id_column = id_column
         self.feature_column = feature_column
         self.num_features = num_features if feature_column else 0
-        self.input_columns = tuple(c for c in (id_column, feature_column) if c)
+        self.weight_column = weight_column
+        self.input_columns = tuple(c for c in (id_column, feature_column, weight_column) if c)
 
     @classmethod
     def from_config(cls, args: Any, train_dataset: Any = None) -> ClassificationObjective:
@@ -186,27 +205,25 @@ class ClassificationObjective(MetaObjective):
             id_column=args.example_id_column,
             feature_column=column,
             num_features=feature_width(train_dataset, column) if column else 0,
+            weight_column=getattr(args, "example_weight_column", None),
         )
 
     def _split(self, inputs: dict) -> tuple[dict, Any, torch.Tensor | None]:
         inputs = dict(inputs)
         ids = inputs.pop(self.id_column, None) if self.id_column else None
-        if self.feature_column:
-            inputs.pop(self.feature_column, None)
+        for column in (self.feature_column, self.weight_column):
+            if column:
+                inputs.pop(column, None)
         return inputs, pop_labels(inputs), ids
 
     def example_losses(self, model: nn.Module, inputs: dict) -> ExampleLosses:
-        extra = inputs.get(self.feature_column) if self.feature_column else None
-        if self.feature_column and extra is None:
-            raise ValueError(
-                f"the batch has no {self.feature_column!r} (meta_feature_column): add the column to the training "
-                "dataset, or unset meta_feature_column"
-            )
+        extra = _column(inputs, self.feature_column, "meta_feature_column")
+        given = _column(inputs, self.weight_column, "example_weight_column")
         inputs, labels, ids = self._split(inputs)
         logits = model(**inputs).logits
         losses = per_example_cross_entropy(logits, labels)
         return ExampleLosses(
-            losses, labels=labels, logits=logits, features=logits, example_ids=ids, example_features=extra
+            losses, labels, logits, features=logits, example_ids=ids, example_features=extra, given_weights=given
         )
 
     def _part(self, meta_model: nn.Module, name: str) -> nn.Module:
@@ -228,6 +245,8 @@ class ClassificationObjective(MetaObjective):
                 raise ValueError("meta_weight_normalize_by_class needs class labels (a tensor) in the batch")
             num_classes = None if examples.logits is None else examples.logits.shape[-1]
             weights = normalize_weights_per_class(weights, examples.labels, num_classes)
+        if examples.given_weights is not None:
+            weights = weights * examples.given_weights.to(weights.dtype)
         return weights
 
     def weighted_loss(
@@ -239,7 +258,8 @@ class ClassificationObjective(MetaObjective):
                 raise ValueError("label correction needs class logits and labels from example_losses")
             losses = soft_cross_entropy(examples.logits, self.corrected_labels(meta_model, examples))
         if not self.reweight:
-            return losses.mean(), None
+            given = examples.given_weights
+            return (losses if given is None else given.to(losses.dtype) * losses).mean(), None
         weights = self.example_weights(meta_model, losses, examples)
         return (weights * losses).mean(), weights
 

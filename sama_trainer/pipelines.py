@@ -32,23 +32,50 @@ __all__ = [
 
 
 class SoftLabelTrainer(Trainer):
-    """``Trainer`` with cross-entropy against soft (probability) labels [B, C]; class ids work too."""
+    """``Trainer`` with cross-entropy against soft (probability) labels [B, C]; class ids work too. With
+    ``example_weight_column`` each example's loss is multiplied by that training-set column's value (fixed weights,
+    e.g. :func:`~sama_trainer.data.fit_vote_prior`'s), the batch loss being the mean of the weighted losses (an
+    evaluation set without the column is scored unweighted)."""
+
+    def __init__(self, *args: Any, example_weight_column: str | None = None, **kwargs: Any):
+        self.example_weight_column = example_weight_column
+        super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.example_weight_column and self.example_weight_column not in self._signature_columns:
+            self._signature_columns.append(self.example_weight_column)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        weights = inputs.pop(self.example_weight_column, None) if self.example_weight_column else None
+        if self.example_weight_column and weights is None and model.training:  # evaluation sets need no weights
+            raise ValueError(
+                f"the batch has no {self.example_weight_column!r} (example_weight_column): add the column to the "
+                "training dataset, or unset example_weight_column"
+            )
         outputs = model(**inputs)
-        loss = per_example_cross_entropy(outputs.logits, labels).mean()
+        losses = per_example_cross_entropy(outputs.logits, labels)
+        loss = (losses if weights is None else weights.to(losses.dtype) * losses).mean()
         return (loss, outputs) if return_outputs else loss
 
 
 def plain_trainer(
-    model: nn.Module, args: TrainingArguments, train_dataset: Any, soft_labels: bool = False, **kwargs: Any
+    model: nn.Module,
+    args: TrainingArguments,
+    train_dataset: Any,
+    soft_labels: bool = False,
+    example_weight_column: str | None = None,
+    **kwargs: Any,
 ) -> Trainer:
     """A ``Trainer`` for plain fine-tuning: the model's own loss for class ids, :class:`SoftLabelTrainer` for soft
-    labels."""
-    cls = SoftLabelTrainer if soft_labels else Trainer
-    return cls(model=model, args=args, train_dataset=train_dataset, **kwargs)
+    labels or fixed per-example weights (``example_weight_column``)."""
+    if soft_labels or example_weight_column:
+        return SoftLabelTrainer(
+            model=model, args=args, train_dataset=train_dataset, example_weight_column=example_weight_column, **kwargs
+        )
+    return Trainer(model=model, args=args, train_dataset=train_dataset, **kwargs)
 
 
 def default_continue_steps(num_examples: int, args: TrainingArguments, epochs: float = 3.0, minimum: int = 10) -> int:
@@ -164,7 +191,9 @@ def fit_with_clean_set(
     of the main phase, so the clean phase still has examples the model has not fitted, and with
     ``held_out_base_update`` it sizes SAMA's base update (:class:`~sama_trainer.HeldOutBaseUpdate`); with
     ``cross_fit`` the two parts swap halfway through the main phase (:class:`~sama_trainer.CrossFitMetaSet`: the
-    part is the meta set for the first half of the meta steps, the rest for the second). ``prepare``
+    part is the meta set for the first half of the meta steps, the rest for the second). With
+    ``args.example_weight_column`` (a ``SAMAConfig`` field) the main phase multiplies each example's loss by that
+    column, with or without SAMA; the clean phase never does. ``prepare``
     is called on each trainer before it trains (e.g. to change its callbacks), ``after_main`` on the main phase's
     trainer right after it (e.g. to read the learned weights before the clean phase changes the model). Returns the
     phases in order.
@@ -215,7 +244,8 @@ def fit_with_clean_set(
 
         main_trainer = SAMATrainer(model, args, train_dataset, meta_dataset=meta_dataset, **trainer_kwargs)
     else:
-        main_trainer = plain_trainer(model, args, train_dataset, soft_labels, **trainer_kwargs)
+        weight_column = getattr(args, "example_weight_column", None)
+        main_trainer = plain_trainer(model, args, train_dataset, soft_labels, weight_column, **trainer_kwargs)
     main = run("main", main_trainer)
     if after_main is not None:
         after_main(main)

@@ -72,6 +72,11 @@ class SAMAConfig(TrainingArguments):
             besides the loss, e.g. how each labeling function voted relative to the given label
             ([`data.add_lf_agreement`]): the meta net can then learn which sources of labels to trust. The trainer
             keeps the column away from the model; the default weighting net gets F more inputs.
+        example_weight_column (`str`, *optional*):
+            A training-set column of fixed per-example weights (one number per row), each multiplying its example's
+            loss: with SAMA it multiplies the learned weights (after `meta_weight_normalize_by_class`), in the base
+            steps and in both perturbed passes; without a meta set ([`fit_with_clean_set`]) it is a weighted
+            fine-tuning. E.g. P(label right | votes) from the clean set ([`data.fit_vote_prior`]).
         correction_type (`str`, defaults to `"free"`):
             Default label-correction net: `"free"` ([`LabelCorrectionNet`]: any soft label from the model's logits and
             the given label) or `"bootstrap"` ([`BootstrapCorrectionNet`]: a per-example mix of the given label and
@@ -149,6 +154,10 @@ class SAMAConfig(TrainingArguments):
     meta_feature_column: str | None = field(
         default=None,
         metadata={"help": "Training-set column of per-example features the weighting net reads besides the loss."},
+    )
+    example_weight_column: str | None = field(
+        default=None,
+        metadata={"help": "Training-set column of fixed per-example weights multiplying each example's loss."},
     )
     correction_type: str = field(
         default="free",

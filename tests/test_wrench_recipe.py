@@ -27,7 +27,14 @@ from sama_trainer import (
     SAMAParser,
     load_meta_model,
 )
-from sama_trainer.data import apply_label_model, load_wrench, make_synthetic_weak_supervision, write_wrench_format
+from sama_trainer.data import (
+    apply_label_model,
+    fit_vote_prior,
+    load_wrench,
+    make_synthetic_weak_supervision,
+    vote_features,
+    write_wrench_format,
+)
 from sama_trainer.data.preparation import hold_out_valid_half, load_wrench_from_hub, stratified_part
 
 
@@ -161,6 +168,25 @@ def test_lf_features_feed_the_labeling_functions_votes_to_the_weighting_net(reci
     net = load_meta_model(str(tmp_path / "sama_r" / "sama_meta_model"))
     assert isinstance(net, MetaWeightNet) and net.num_features == load_wrench(wrench_dir).num_lfs
     assert sama["meta_steps"] == 2 and 0.0 <= sama["test_metric"] <= 1.0
+
+
+def test_vote_prior_weights_every_method_that_trains_on_the_weak_labels(recipe, wrench_dir, tmp_path):
+    results = _run(
+        recipe, wrench_dir, tmp_path, "--method", "finetune,clean_only,sama_r", "--vote_prior", "true",
+        "--unroll_steps", "2", "--meta_weight_normalize", "false",
+    )  # fmt: skip
+    finetune, clean_only, sama = results
+    assert finetune["example_weight_column"] == sama["example_weight_column"] == "vote_prior"
+    assert clean_only["example_weight_column"] is None
+    assert 0.0 <= finetune["vote_prior_noise_auroc"] <= 1.0 and 0.0 < finetune["vote_prior_mean"] < 1.0
+    # SAMA's recorded weights are the learned ones times the prior: they rank the rows as the prior does where the
+    # weighting net has barely moved (two meta steps)
+    data = load_wrench(wrench_dir)
+    features, _, ids = vote_features(data["train"], data.num_classes)
+    prior = dict(zip(ids, fit_vote_prior(data["valid"], data.num_classes)(features)))
+    rows = [json.loads(line) for line in (tmp_path / "sama_r" / "example_weights.jsonl").read_text().splitlines()]
+    w, task_prior = np.array([r["weight"] for r in rows]), np.array([prior[r["id"]] for r in rows])
+    assert np.corrcoef(w, task_prior)[0, 1] > 0.9 and sama["meta_steps"] == 2
 
 
 def test_stratified_part_takes_a_seeded_share_of_every_class():

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Value
 
+from .vote_prior import VOTE_PRIOR_COLUMN, fit_vote_prior
 from .weak_supervision import (
     WeakSupervisionData,
     add_lf_agreement,
     apply_label_model,
+    lf_agreement,
     load_wrench,
     subsample_per_class,
 )
@@ -138,13 +140,16 @@ def prepare_task(
     soft_labels: bool = False,
     exclude_labeled_ids: bool = False,
     lf_features: bool = False,
+    vote_prior: bool = False,
     seed: int = 0,
 ) -> WeakSupervisionTask:
     """Majority-vote training labels, the (optionally subsampled: ``clean_per_class`` per class, seeded) valid split
     as the clean set, and the tokenised splits. ``exclude_labeled_ids`` drops WRENCH's ``labeled_ids.json`` rows from
     the training split. ``lf_features`` adds an ``lf_agreement`` column (:func:`~sama_trainer.data.lf_agreement`,
     the votes against each row's training label) to ``train_tok`` and ``clean_as_train_tok``, for
-    ``SAMAConfig.meta_feature_column``."""
+    ``SAMAConfig.meta_feature_column``. ``vote_prior`` adds a ``vote_prior`` column, P(training label right | votes)
+    from a :func:`~sama_trainer.data.fit_vote_prior` fit on the clean set, to ``train_tok`` (and 1.0 to
+    ``clean_as_train_tok``: clean labels are right), for ``SAMAConfig.example_weight_column``."""
     for split in ("train", "valid", "test"):
         if split not in data or len(data[split]) == 0:
             raise ValueError(f"dataset {name!r} has no (or an empty) {split!r} split")
@@ -169,6 +174,12 @@ def prepare_task(
     if lf_features:
         train_tok = add_lf_agreement(train_tok, train["weak_labels"])
         clean_as_train_tok = add_lf_agreement(clean_as_train_tok, clean["weak_labels"])
+    if vote_prior:
+        prior = fit_vote_prior(clean, num_labels)
+        given = lf_agreement(np.asarray(train["weak_labels"]), np.asarray(train["weak_label"]))
+        train_tok = train_tok.add_column(VOTE_PRIOR_COLUMN, prior(given).tolist(), feature=Value("float32"))
+        ones = [1.0] * len(clean_as_train_tok)
+        clean_as_train_tok = clean_as_train_tok.add_column(VOTE_PRIOR_COLUMN, ones, feature=Value("float32"))
     return WeakSupervisionTask(
         name=name,
         label_names=list(data.label_names),
