@@ -87,7 +87,8 @@ def weight_diagnostics(
     """Diagnostics of ``SAMATrainer.compute_example_weights`` outputs on a training set.
 
     Args:
-        outputs: ``weight`` (and/or ``corrected_label``, ``corrected_probs``) per example.
+        outputs: ``weight`` (and/or ``corrected_label``, ``corrected_probs``; ``learned_weight`` with given
+            weights) per example.
         given: the labels the model was trained on (class ids).
         gold: the true labels (diagnostics only).
         label_names: class names.
@@ -104,6 +105,10 @@ def weight_diagnostics(
         }
         out["weight_mean_correct"] = float(w[~wrong].mean()) if (~wrong).any() else None
         out["weight_mean_wrong"] = float(w[wrong].mean()) if wrong.any() else None
+    if "learned_weight" in outputs:  # the weighting net's factor alone, without the given weights
+        learned = -np.asarray(outputs["learned_weight"], dtype=np.float64)
+        out["learned_weight_noise_auroc"] = auroc(wrong, learned)
+        out["learned_weight_noise_auroc_within_class"] = within_class_auroc(wrong, learned, given)
     if "corrected_label" in outputs:
         corrected = np.asarray(outputs["corrected_label"])
         probs = np.asarray(outputs["corrected_probs"])

@@ -505,6 +505,8 @@ class SAMATrainer(Trainer):
         self, dataset: Any, batch_size: int | None = None, group_by_length: bool = True
     ) -> dict[str, list]:
         """Per-example base loss, meta weight and corrected label (argmax/probabilities) on ``dataset`` (eval mode).
+        With ``example_weight_column`` the weight is the learned weight times the given one, and ``learned_weight``
+        and ``given_weight`` are the two factors.
 
         Needs a :class:`~sama_trainer.objectives.ClassificationObjective` (the default). With ``group_by_length``
         and an ``input_ids`` column, the model's forward passes run over examples of similar length (less padding);
@@ -532,6 +534,12 @@ class SAMATrainer(Trainer):
                 out["loss"] += losses.float().tolist()
                 if objective.reweight:
                     out["weight"] += objective.example_weights(self.meta_model, losses, examples).float().tolist()
+                    if examples.given_weights is not None:  # the net's own share, before the fixed weights
+                        learned = objective.example_weights(
+                            self.meta_model, losses, dataclasses.replace(examples, given_weights=None)
+                        )
+                        out["learned_weight"] += learned.float().tolist()
+                        out["given_weight"] += examples.given_weights.float().tolist()
         finally:
             model.train(was_training)
             self.meta_model.train(meta_was_training)

@@ -62,3 +62,9 @@ def test_weight_diagnostics_by_hand():
     # probability kept on the given label: rows 1 (0.4) and 4 (0.55) lowest of their classes -> flagged
     assert out["correction_auroc"] == pytest.approx(auroc(gold != given, -np.array([0.9, 0.4, 0.8, 0.7, 0.55])))
     assert out["relabelled_classes"] == {}
+    assert "learned_weight_noise_auroc" not in out
+    # with fixed given weights, the net's own factor is scored apart: here it ranks the wrong rows highest
+    outputs["learned_weight"] = [0.5, 2.0, 0.6, 0.7, 1.5]
+    out = weight_diagnostics(outputs, given, gold, ["neg", "pos"])
+    assert out["learned_weight_noise_auroc"] == 0.0 and out["noise_auroc"] == 1.0
+    assert out["learned_weight_noise_auroc_within_class"] == 0.0

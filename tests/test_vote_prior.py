@@ -162,8 +162,15 @@ def test_with_sama_the_fixed_weights_multiply_the_learned_ones_everywhere(tmp_pa
     assert first.meta_step_count == 3
     for a, b in ((first.model, second.model), (first.meta_model, second.meta_model)):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    weights = first.compute_example_weights(train, batch_size=8)["weight"]
-    assert np.all(np.asarray(weights)[::3] == 0.0) and np.all(np.asarray(weights)[1::3] > 0.0)
+    out = first.compute_example_weights(train, batch_size=8)
+    weights, learned = np.asarray(out["weight"]), np.asarray(out["learned_weight"])
+    assert np.all(weights[::3] == 0.0) and np.all(weights[1::3] > 0.0)
+    # the two factors are reported apart: the given column and the net's own weights, whose product is the weight
+    np.testing.assert_allclose(out["given_weight"], train["w"])
+    np.testing.assert_allclose(weights, learned * np.asarray(train["w"]), rtol=1e-6)
+    assert np.all(learned > 0.0) and np.ptp(learned) > 0.0
+    untrained = SAMATrainer(tiny_bert(), sama_args(tmp_path), train, meta_dataset=train, data_collator=_collate)
+    assert set(untrained.compute_example_weights(train, batch_size=8)) == {"loss", "weight"}  # no given weights
     unweighted = fit(train.map(lambda r: {"w": 1.0}))
     assert not torch.equal(
         next(iter(first.meta_model.state_dict().values())), next(iter(unweighted.meta_model.state_dict().values()))
