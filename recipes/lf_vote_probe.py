@@ -10,7 +10,8 @@ from ``--lf_features`` with the same clean set, without meta learning, and what 
 
 With ``--weights`` it reads the ``example_weights.jsonl`` of WRENCH recipe runs instead and says what their weighting
 nets learned about the votes: the mean weight of the training rows on which some labeling function voted against
-the majority vote, and of the others, next to how often each group's majority vote is wrong::
+the majority vote, and of the others, next to how often each group's majority vote is wrong (for ``--vote_prior`` runs
+also the noise AUROC of the net's own factor of the weight, and its correlation with the prior)::
 
     python recipes/lf_vote_probe.py --dataset trec \\
         --weights outputs/wrench_fold0_lf/trec/kall/sama_rc_clean/seed*/example_weights.jsonl
@@ -59,9 +60,13 @@ def _conflict_row(weights_file: str, ids: list[str], wrong: np.ndarray, dissent:
         raise ValueError(f"{weights_file}: its rows are not the covered training rows of the dataset")
     w = np.array([r["weight"] for r in rows])
     noise_auroc = auroc(wrong, -w)
+    learned = "– | –"
+    if "learned_weight" in rows[0]:  # a --vote_prior run: the weighting net's own factor of the weight
+        net, given = np.array([r["learned_weight"] for r in rows]), np.array([r["given_weight"] for r in rows])
+        learned = f"{auroc(wrong, -net):.3f} | {np.corrcoef(net, given)[0, 1]:+.2f}"
     return (
         f"| {weights_file} | {noise_auroc:.3f} | {w[dissent].mean():.2f} ({wrong[dissent].mean():.0%} wrong) | "
-        f"{w[~dissent].mean():.2f} ({wrong[~dissent].mean():.0%} wrong) |"
+        f"{w[~dissent].mean():.2f} ({wrong[~dissent].mean():.0%} wrong) | {learned} |"
     )
 
 
@@ -78,7 +83,8 @@ def main() -> None:
         if not args.dataset:
             parser.error("--weights needs --dataset (the WRENCH folder name the runs trained on)")
         print(
-            "| run | noise AUROC | mean weight, rows with a dissenting vote | the other rows |\n|---|---:|---:|---:|"
+            "| run | noise AUROC | mean weight, rows with a dissenting vote | the other rows | the net's factor alone "
+            "(--vote_prior runs): noise AUROC | its correlation with the prior |\n|---|---:|---:|---:|---:|---:|"
         )
         print("\n".join(weights_by_vote_conflict(Path(args.data_root) / args.dataset, args.weights)))
         return

@@ -207,3 +207,16 @@ def test_vote_probe_finds_a_labeling_function_that_is_always_wrong(tmp_path):
     assert probe.probe(folder, "all", seed=0) == 0.0
     _write_split(folder / "valid.json", rows[:12])  # every clean majority vote right: nothing to learn
     assert probe.probe(folder, "all", seed=0) is None
+    # --weights: a --vote_prior run's weight file; the net's own factor is scored apart from the prior's
+    _write_split(folder / "valid.json", rows)
+    wrong = np.array([False] * 12 + [True] * 8)  # the rows only the bad labeling function covers
+    learned, given = np.where(wrong, 2.0, 0.5), np.where(wrong, 0.1, 0.9)
+    run = tmp_path / "example_weights.jsonl"
+    lines = [
+        {"id": str(i), "weight": n * g, "learned_weight": n, "given_weight": g}
+        for i, (n, g) in enumerate(zip(learned, given))
+    ]
+    run.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cells = [c.strip() for c in probe.weights_by_vote_conflict(folder, [str(run)])[0].strip("|").split("|")]
+    assert cells[1] == "1.000"  # the product ranks the wrong rows last (the prior's 0.1 outweighs the net's 2.0)
+    assert cells[4:] == ["0.000", "-1.00"]  # the net alone ranks them first, against the prior
