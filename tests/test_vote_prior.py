@@ -66,6 +66,8 @@ def test_vote_prior_trusts_less_the_rows_where_a_labeling_function_that_is_right
         fit_vote_prior(_split(all_right), num_classes=2)
     with pytest.raises(ValueError, match="no clean row is covered"):
         fit_vote_prior(_split([(0, [-1, -1, -1])] * 3), num_classes=2)
+    with pytest.raises(ValueError, match="no clean row is covered"):  # an empty clean set: the same clear error
+        fit_vote_prior(_split([(0, [0, 1, 1])]).select([]), num_classes=2)
 
 
 def test_prepare_task_fits_the_prior_on_the_clean_set_and_puts_it_on_the_training_rows_only():

@@ -72,7 +72,8 @@ def vote_features(split: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray,
     covered = apply_label_model(split, num_classes, drop_uncovered=True, tie_break="wrench")
     mv = np.asarray(covered["weak_label"], dtype=np.int64)
     right = mv == np.asarray(covered["label"])
-    weak = np.asarray(covered["weak_labels"], dtype=np.int64).reshape(len(mv), len(split[0]["weak_labels"]))
+    num_lfs = len(split[0]["weak_labels"]) if len(split) else 0
+    weak = np.asarray(covered["weak_labels"], dtype=np.int64).reshape(len(mv), num_lfs)
     return lf_agreement(weak, mv), right, list(covered["id"])
 
 
