@@ -119,10 +119,13 @@ def test_meta_steps_with_micro_batches_equal_the_whole_batch(tmp_path, micro):
 
     whole, cut = run("whole"), run("cut", **micro)
     assert whole.meta_step_count == cut.meta_step_count == 3
+    # Summing the meta loss in another order changes its gradient in the last bits, and Adam's normalisation can
+    # turn that into a visible change of an element whose gradient is near zero: allow a thousandth of one Adam step
+    # (each step moves an element by up to its learning rate); a wrongly combined meta-gradient moves whole steps.
     for a, b in zip(whole.meta_model.parameters(), cut.meta_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * whole.args.meta_learning_rate)
     for a, b in zip(whole.model.parameters(), cut.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * whole.args.learning_rate)
     initial = tiny_bert(dropout=0.0).state_dict()  # the runs trained: the equality is not vacuous
     assert not all(torch.equal(initial[k], v) for k, v in whole.model.state_dict().items())
 
