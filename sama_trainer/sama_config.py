@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,13 @@ class SAMAConfig(TrainingArguments):
             After each meta step leave θ at θ - εu (a step that lowers the meta loss to first order), as in the
             paper's experiments; `False` restores θ bit-for-bit. Applies to the finite-difference methods
             (`sama`, `sama-na`, `t1t2`); the other methods always restore θ.
+        meta_gradient_params (`str`, *optional*):
+            A regular expression over the base model's parameter names (`re.search`): only the trainable parameters
+            that match enter the meta-gradient, i.e. v = ∂L_meta/∂θ, u, the ±εu perturbation and the base update
+            (first-order methods). The meta loss's backward then stops at the lowest of them, so restricting it to
+            the top of the network (e.g. `"encoder\.layer\.5\.|classifier"`: a 6-layer BERT's last layer and
+            head) makes the meta step cheaper; the meta-gradient is then the one through those parameters only
+            (a last-layers approximation, as in FaMUS). `None`: every trainable parameter, as in the paper.
         sama_base_update_follows_lr (`bool`, defaults to `False`):
             Scale the base update by the learning-rate schedule: θ ← θ - (lr_t / lr_0)·εu. The update's size ‖εu‖ =
             `sama_alpha` does not shrink with the learning rate, so late in a decaying schedule it dominates the base
@@ -121,6 +129,10 @@ class SAMAConfig(TrainingArguments):
     sama_base_update: bool = field(
         default=True, metadata={"help": "Leave θ at θ-εu after each meta step (as the paper); False restores θ."}
     )
+    meta_gradient_params: str | None = field(
+        default=None,
+        metadata={"help": "Regex over parameter names: only these enter the meta-gradient (None: all trainable)."},
+    )
     sama_base_update_follows_lr: bool = field(
         default=False,
         metadata={"help": "Scale the base update by the learning-rate schedule (lr_t / lr_0)."},
@@ -204,6 +216,14 @@ class SAMAConfig(TrainingArguments):
             raise ValueError(f"meta_objective must be one of {META_OBJECTIVES}, got {self.meta_objective!r}")
         if self.sama_alpha is not None and not self.sama_alpha > 0:
             raise ValueError(f"sama_alpha must be > 0 (got {self.sama_alpha})")
+        if self.meta_gradient_params is not None:
+            try:
+                re.compile(self.meta_gradient_params)
+            except re.error as err:
+                raise ValueError(
+                    f"meta_gradient_params={self.meta_gradient_params!r} is not a regular expression ({err}); "
+                    "give a pattern over parameter names such as 'encoder\\.layer\\.5\\.|classifier'"
+                ) from None
         if self.meta_learning_rate < 0 or self.meta_weight_decay < 0:
             raise ValueError("meta_learning_rate and meta_weight_decay must be >= 0")
         if self.correction_meta_learning_rate is not None and self.correction_meta_learning_rate < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from .distributed import RankAgreement, all_reduce_mean_, apply_ddp_timeout
 from .losses import soft_cross_entropy
 from .meta_data import MetaBatchStream, example_lengths, length_chunks, longest_first, mean_over_chunks
 from .meta_gradient import MetaGradients, is_adaptive, is_second_order, meta_gradient
+from .meta_gradient.prefix_cache import PrefixCache
 from .meta_nets import save_meta_model
 from .model_card import sama_card_section, save_trainer_card
 from .objectives import LABEL_KEYS, ClassificationObjective, ExampleLosses, MetaObjective
@@ -137,6 +139,8 @@ class SAMATrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        if args.meta_gradient_params is not None:
+            self._base_params()  # a pattern that selects nothing fails here, not at the first meta step
 
         if meta_model is None:
             num_labels = getattr(getattr(self.model, "config", None), "num_labels", None)
@@ -362,7 +366,20 @@ class SAMATrainer(Trainer):
         return lr / float(group.get("initial_lr", lr) or 1.0) if lr else 0.0
 
     def _base_params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """The base parameters the meta-gradient goes through: the trainable ones, or those ``meta_gradient_params``
+        selects by name."""
+        pattern = self.args.meta_gradient_params
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if pattern is None:
+            return [p for _, p in named]
+        chosen = [p for name, p in named if re.search(pattern, name)]
+        if not chosen:
+            examples = ", ".join(name for name, _ in named[-3:])
+            raise ValueError(
+                f"meta_gradient_params={pattern!r} matches none of the model's trainable parameters (the last ones "
+                f"are named {examples}); give a pattern that matches some, or leave it unset for all of them"
+            )
+        return chosen
 
     def _call_meta_event(self, event: str, **kwargs: Any) -> None:
         for callback in self.callback_handler.callbacks:
@@ -422,6 +439,8 @@ class SAMATrainer(Trainer):
         if args.sama_base_update:
             follows_lr = self._lr_ratio() if args.sama_base_update_follows_lr else 1.0
             options["base_update_scale"] = self.base_update_scale * follows_lr
+        if args.meta_gradient_params is not None and not is_second_order(args.meta_gradient):
+            options["pass_cache"] = PrefixCache(model, base_params)  # the layers below the scope run once
         options.update(args.meta_gradient_kwargs or {})  # the user's options win (e.g. consume_grads=False)
         was_training = model.training
         model.train()

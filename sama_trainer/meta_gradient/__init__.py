@@ -15,6 +15,7 @@ from .core import (
     meta_loss_gradients,
     meta_loss_stats,
 )
+from .prefix_cache import PrefixCache
 from .registry import (
     SKIP_REASONS,
     Agreement,
@@ -37,6 +38,7 @@ __all__ = [
     "LossClosure",
     "MetaGradients",
     "Perturbation",
+    "PrefixCache",
     "adapted_meta_loss_gradients",
     "available_methods",
     "central_difference",

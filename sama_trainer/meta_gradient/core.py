@@ -291,6 +291,13 @@ class _RandomDraws(TorchDispatchMode):
         self.replayable = True
         self._replay: list[tuple[Any, torch.Tensor]] | None = None
 
+    def skip(self, count: int) -> None:
+        """Drop the next ``count`` draws of the replay (made by a call the replaying pass does not run again)."""
+        if self._replay is not None:
+            if count > len(self._replay):
+                raise _ReplayMismatch("skipped more draws than were recorded")
+            del self._replay[len(self._replay) - count :]
+
     def replaying(self) -> Any:
         """This mode, set to replay the recorded draws in order (a null context if the pass is not replayable)."""
         if not (self.replayable and self.draws):
@@ -362,32 +369,49 @@ class Perturbation:
         self.position = target
 
     def difference(
-        self, meta_params: Sequence[torch.Tensor], base_loss: LossClosure, share_rng: bool = True
+        self,
+        meta_params: Sequence[torch.Tensor],
+        base_loss: LossClosure,
+        share_rng: bool = True,
+        pass_cache: Any = None,
     ) -> list[torch.Tensor]:
         """[∇_λ L_base(θ + εd) - ∇_λ L_base(θ - εd)] / (2ε) by two first-order passes; θ is left at θ - εd.
 
         With ``share_rng`` both passes see the same RNG state (the same dropout masks) and the global RNG is left as
-        it was. On an exception θ is put back first.
+        it was. ``pass_cache`` (e.g. a :class:`~.prefix_cache.PrefixCache`) records in the first pass what does not
+        depend on the perturbed parameters and returns it in the second. On an exception θ is put back first.
         """
         devices = _rng_devices(self.params) if share_rng else None
         draws = _RandomDraws() if share_rng and all(p.device.type == "cpu" for p in self.params) else None
 
-        def grads_at(target: float, mode: Any = None) -> list[torch.Tensor]:
+        def grads_at(target: float, mode: Any = None, cache: Any = None) -> list[torch.Tensor]:
             self.move_to(target)
-            if devices is None:
+            with contextlib.ExitStack() as stack:
+                if devices is not None:
+                    stack.enter_context(torch.random.fork_rng(devices=devices))
+                    stack.enter_context(mode or contextlib.nullcontext())
+                if cache is not None:
+                    stack.enter_context(cache)
                 return grads_or_zeros(base_loss(), meta_params)
-            with torch.random.fork_rng(devices=devices), mode or contextlib.nullcontext():
-                return grads_or_zeros(base_loss(), meta_params)
+
+        def cached(recording: bool, replay: Any = None) -> Any:
+            if pass_cache is None:
+                return None
+            if recording:
+                return pass_cache.recording(draws, devices)
+            return pass_cache.replaying(replay, devices)
 
         try:
             if draws is None:
-                grad_plus, grad_minus = grads_at(self.eps), grads_at(-self.eps)
+                grad_plus = grads_at(self.eps, cache=cached(True))
+                grad_minus = grads_at(-self.eps, cache=cached(False))
             else:  # the second pass starts from the same RNG state: it replays the first pass's draws
-                grad_plus = grads_at(self.eps, draws)
+                grad_plus = grads_at(self.eps, draws, cached(True))
                 try:
-                    grad_minus = grads_at(-self.eps, draws.replaying())
+                    replay = draws.replaying()
+                    grad_minus = grads_at(-self.eps, replay, cached(False, draws if replay is draws else None))
                 except _ReplayMismatch:  # e.g. a draw that depends on θ: draw again, from the same state
-                    grad_minus = grads_at(-self.eps)
+                    grad_minus = grads_at(-self.eps, cache=cached(False))
         except BaseException:
             self.restore()
             raise

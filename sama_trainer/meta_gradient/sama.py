@@ -65,6 +65,7 @@ def _finite_difference(
     loss_scale: float = 1.0,
     consume_grads: bool = False,
     base_update_scale: float = 1.0,
+    pass_cache: Any = None,
 ) -> MetaGradients:
     """direct - [∇_λ L_base(θ + εu) - ∇_λ L_base(θ - εu)] / (2ε), u = D ⊙ v (D = du/dg, or 1 if ``optimizer`` is
     None), ‖εu‖ = α; ``agree`` is called once, before θ is restored or updated (``restore=False``: to θ -
@@ -112,7 +113,7 @@ def _finite_difference(
                 eps = stats["eps"] = alpha / u_norm
                 copy_free = lean and not restore and base_step_hook is None and _all_wide_floats(base_params)
                 perturbation = Perturbation(base_params, u, eps, save=not copy_free, workspace=workspace)
-                implicit = perturbation.difference(meta_params, base_loss, share_rng)
+                implicit = perturbation.difference(meta_params, base_loss, share_rng, pass_cache)
                 if not all_finite(float(global_norm(implicit).item())):
                     reason = "nonfinite_fd"
                 else:
@@ -170,7 +171,8 @@ def sama(
     (False; True lets the method overwrite ``last_grads``: u is formed in them as the backward produces v, so no
     θ-sized v is allocated, and with ``restore=False``, no ``base_step_hook`` and float32/64 parameters no copy of θ
     is kept either — θ ends at θ - εu up to rounding), ``base_update_scale`` (1.0; with ``restore=False`` θ ends at
-    θ - scale·εu), ``agree`` (see :func:`~.registry.meta_gradient`).
+    θ - scale·εu), ``pass_cache`` (None; a :class:`~.prefix_cache.PrefixCache` lets the second perturbed pass reuse
+    what the first computed below the perturbed parameters), ``agree`` (see :func:`~.registry.meta_gradient`).
     """
     if optimizer is not None:
         check_adaptation_supported(optimizer)
