@@ -21,6 +21,7 @@ SAMA_FIELDS = (
     "meta_objective",
     "unroll_steps",
     "sama_base_update",
+    "meta_gradient_params",
     "meta_learning_rate",
     "correction_meta_learning_rate",
     "meta_weight_decay",
@@ -67,7 +68,7 @@ def base_model_id(model: Any) -> str | None:
 
 
 def _value(x: Any) -> str:
-    return f"`{x}`"
+    return "`" + str(x).replace("|", "\\|") + "`"  # a pipe would end the table cell, even in a code span
 
 
 def sama_card_section(trainer: Any) -> str:

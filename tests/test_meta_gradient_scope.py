@@ -10,6 +10,7 @@ from helpers import pad_batch, sama_args, tiny_bert, train_and_meta
 from sama_trainer import SAMAConfig, SAMATrainer
 from sama_trainer.meta_gradient import Perturbation, PrefixCache
 from sama_trainer.meta_gradient.core import _RandomDraws
+from sama_trainer.model_card import sama_card_section
 
 
 TOP = r"encoder\.layer\.1\.|classifier"  # tiny_bert has two layers: the last one and the head
@@ -143,3 +144,11 @@ def test_scoped_training_with_and_without_the_prefix_cache_is_the_same(tmp_path)
     assert len(lowest_calls[1]) - len(lowest_calls[0]) == 4  # one pass fewer below the scope per meta step
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_the_model_card_records_the_scope_in_one_table_cell(tmp_path):
+    train, meta = train_and_meta()
+    trainer = SAMATrainer(tiny_bert(), sama_args(tmp_path, meta_gradient_params=TOP), train, meta)
+    rows = [line for line in sama_card_section(trainer).splitlines() if line.startswith("| `")]
+    assert "| `meta_gradient_params` | `encoder\\.layer\\.1\\.\\|classifier` |" in rows
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows)  # two cells per row, pipes escaped
