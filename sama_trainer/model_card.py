@@ -77,6 +77,7 @@ def sama_card_section(trainer: Any) -> str:
     used = {  # the value in effect where the field says "default"
         "meta_batch_size": args.meta_batch_size or args.per_device_train_batch_size,
         "correction_meta_learning_rate": args.correction_meta_learning_rate or args.meta_learning_rate,
+        "meta_gradient_params": args.meta_gradient_params or "all trainable parameters",
     }
     rows = [("sama_alpha (used)", args.meta_alpha)]
     rows += [(name, used.get(name, getattr(args, name))) for name in SAMA_FIELDS]
