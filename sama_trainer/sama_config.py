@@ -40,7 +40,10 @@ class SAMAConfig(TrainingArguments):
             (first-order methods). The meta loss's backward then stops at the lowest of them, so restricting it to
             the top of the network (e.g. `"encoder\.layer\.5\.|classifier"`: a 6-layer BERT's last layer and
             head) makes the meta step cheaper; the meta-gradient is then the one through those parameters only
-            (a last-layers approximation, as in FaMUS). `None`: every trainable parameter, as in the paper.
+            (a last-layers approximation), and the second perturbed pass reuses the first one's outputs of the
+            layers below ([`meta_gradient.PrefixCache`]). With `sama_base_update` the whole step ‖εu‖ = `sama_alpha`
+            then falls on these parameters: in the WRENCH recipe that hurt, the last layer without the base update
+            did not (RESULTS.md). `None`: every trainable parameter, as in the paper.
         sama_base_update_follows_lr (`bool`, defaults to `False`):
             Scale the base update by the learning-rate schedule: θ ← θ - (lr_t / lr_0)·εu. The update's size ‖εu‖ =
             `sama_alpha` does not shrink with the learning rate, so late in a decaying schedule it dominates the base

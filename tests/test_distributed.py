@@ -46,7 +46,7 @@ def test_runs_real_ddp_with_two_ranks(ddp_results):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["base_update", "restore", "adaptive"])
+@pytest.mark.parametrize("case", ["base_update", "restore", "adaptive", "scoped"])
 def test_theta_and_lambda_bit_identical_across_ranks(ddp_results, case):
     ranks, _ = ddp_results
     assert ranks[0][case]["theta"] == ranks[1][case]["theta"]
@@ -90,6 +90,9 @@ def test_communication_per_meta_step(ddp_results):
     assert restore["comm_bytes_per_meta_step"] == restore["lambda_bytes"] + flags
     assert update["comm_calls_per_meta_step"] == 2  # + the base update θ ← θ - mean_r(ε_r·u_r)
     assert update["comm_bytes_per_meta_step"] == update["lambda_bytes"] + flags + update["theta_bytes"]
+    scoped = ranks[0]["scoped"]  # meta_gradient_params: the base update averages the scoped parameters only
+    assert scoped["comm_bytes_per_meta_step"] == scoped["lambda_bytes"] + flags + scoped["theta_bytes"]
+    assert 0 < scoped["theta_bytes"] < update["theta_bytes"]
 
 
 @pytest.mark.distributed

@@ -167,6 +167,9 @@ def main():
         "base_update": run(args.out, "bu", counter, sama_base_update=True),
         "restore": run(args.out, "restore", counter, check_estimator=True, sama_base_update=False),
         "adaptive": run(args.out, "adaptive", counter, meta_gradient="sama", meta_objective="reweight+correct"),
+        "scoped": run(
+            args.out, "scoped", counter, meta_gradient="sama", meta_gradient_params=r"encoder\.layer\.1\.|classifier"
+        ),
         "base_only": run(args.out, "base_only", counter, meta_warmup_steps=100),
         "pruning": run_pruning(args.out),
         "held_out": run_held_out(args.out, counter),
