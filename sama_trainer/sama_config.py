@@ -112,6 +112,11 @@ class SAMAConfig(TrainingArguments):
             measures it): about 60 for a 6-layer MiniLM on one CPU thread; on a GPU, where a small pass costs as much
             as a large one, leave it unset.
             Combines with `meta_micro_batch_size` (then an upper bound on the micro-batch size).
+        flush_denormal (`bool`, defaults to `True`):
+            On a CPU, treat subnormal floats (below 1.2e-38 in float32) as zero while training
+            (`torch.set_flush_denormal`): example weights near 0 make gradients subnormal, which CPUs process many
+            times slower (a WRENCH recipe run trained 1.8× faster with it, to the same result). Reset to torch's
+            default (off) when training ends. No effect on GPUs.
         example_id_column (`str`, defaults to `"example_id"`):
             A training-set column with each example's index in `[0, len(train_dataset))`. When present, the trainer
             keeps it away from the model and records the weight every example receives in each epoch
@@ -197,6 +202,9 @@ class SAMAConfig(TrainingArguments):
         metadata={
             "help": "Cut the meta batch by length where the padding saved exceeds this many positions per pass."
         },
+    )
+    flush_denormal: bool = field(
+        default=True, metadata={"help": "On a CPU, flush subnormal floats to zero while training (speed)."}
     )
     example_id_column: str = field(
         default="example_id", metadata={"help": "Training-set column with example indices (weight statistics)."}

@@ -701,7 +701,12 @@ class SAMATrainer(Trainer):
         """``Trainer.train``; a run resumed with ``resume_from_checkpoint=True`` takes the newest *complete*
         checkpoint (one whose writing was interrupted is never used; see :mod:`sama_trainer.checkpoint`)."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.process_index)
-        return super().train(resume, *args, **kwargs)
+        flush = self.args.flush_denormal and self.args.device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
+            return super().train(resume, *args, **kwargs)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)  # torch's default (it has no getter to restore another state)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the base model as ``Trainer`` does, plus the meta network under ``sama_meta_model/``."""

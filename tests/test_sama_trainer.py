@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from helpers import StopAt, pad_batch, sama_args, tiny_bert, train_and_meta
+from transformers import TrainerCallback
 
 from sama_trainer import (
     BootstrapCorrectionNet,
@@ -359,3 +360,23 @@ def test_meta_batches_grouped_by_length_without_input_ids_name_the_fix(tmp_path)
     trainer = SAMATrainer(tiny_bert(), args, train, meta.rename_column("input_ids", "tokens"))
     with pytest.raises(ValueError, match="meta_group_by_length=False"):
         trainer._meta_batches()
+
+
+def _subnormal_product() -> float:
+    return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item()  # 1e-40: subnormal in float32
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_subnormal_floats_flushed_to_zero_while_training_on_a_cpu(tmp_path, flush):
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(_subnormal_product())
+
+    train, meta = datasets()
+    args = make_args(tmp_path, max_steps=2, flush_denormal=flush)
+    assert _subnormal_product() > 0
+    SAMATrainer(tiny_bert(), args, train, meta, callbacks=[Probe()]).train()
+    assert len(seen) == 2 and all((value == 0.0) == flush for value in seen)
+    assert _subnormal_product() > 0  # torch's default again after training
