@@ -479,6 +479,8 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
         log_to_file(script_args.log_file)
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
+    if training_args.flush_denormal:  # before any parallel op: intra-op threads started later inherit it
+        torch.set_flush_denormal(True)
     data, name = load_data(script_args, training_args.seed)
     model_name = script_args.model_name_or_path or (TINY_BERT if name == "synthetic" else default_model_name())
     if model_name == TINY_BERT and script_args.model_name_or_path is None and script_args.fallback_learning_rate:
