@@ -43,6 +43,11 @@ __all__ = ["META_MODEL_DIR", "SAMATrainer"]
 META_MODEL_DIR = "sama_meta_model"
 
 
+def _flushes_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero (1e-30 · 1e-10 is subnormal in float32)."""
+    return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0
+
+
 class _MetaStepCallback(TrainerCallback):
     """Runs the trainer's meta step right after the base optimizer step (before the scheduler and zero_grad)."""
 
@@ -701,12 +706,14 @@ class SAMATrainer(Trainer):
         """``Trainer.train``; a run resumed with ``resume_from_checkpoint=True`` takes the newest *complete*
         checkpoint (one whose writing was interrupted is never used; see :mod:`sama_trainer.checkpoint`)."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.process_index)
-        flush = self.args.flush_denormal and self.args.device.type == "cpu" and torch.set_flush_denormal(True)
+        # turn flushing on for this thread unless it already is (torch has no getter: a subnormal product tells)
+        flush = self.args.flush_denormal and self.args.device.type == "cpu" and not _flushes_denormals()
+        flush = flush and torch.set_flush_denormal(True)
         try:
             return super().train(resume, *args, **kwargs)
         finally:
             if flush:
-                torch.set_flush_denormal(False)  # torch's default (it has no getter to restore another state)
+                torch.set_flush_denormal(False)  # back to how this thread was before training
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the base model as ``Trainer`` does, plus the meta network under ``sama_meta_model/``."""

@@ -380,3 +380,14 @@ def test_subnormal_floats_flushed_to_zero_while_training_on_a_cpu(tmp_path, flus
     SAMATrainer(tiny_bert(), args, train, meta, callbacks=[Probe()]).train()
     assert len(seen) == 2 and all((value == 0.0) == flush for value in seen)
     assert _subnormal_product() > 0  # torch's default again after training
+
+
+def test_flushing_that_was_on_before_training_stays_on_after(tmp_path):
+    train, meta = datasets()
+    torch.set_flush_denormal(True)
+    try:
+        SAMATrainer(tiny_bert(), make_args(tmp_path, max_steps=2), train, meta).train()
+        assert _subnormal_product() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert _subnormal_product() > 0
