@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import set_seed
 
 from sama_trainer import SAMAConfig, SAMAParser
@@ -135,6 +136,8 @@ class TartanArguments:
 def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
     """Train one (task, method, seed) run, evaluate on dev and test, write results.json, weights and a model card."""
     start, cpu_start = time.time(), time.process_time()
+    if training_args.flush_denormal:  # before any parallel op: intra-op threads started later inherit it
+        torch.set_flush_denormal(True)
     set_seed(training_args.seed)
     splits = read_task(args.task_dir)
     label_names = label_vocabulary(splits)

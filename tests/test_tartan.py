@@ -390,6 +390,32 @@ def test_training_runs_one_forward_per_base_step_and_only_mlm_in_perturbed_passe
     assert counter.calls == {(True, True): 4, (True, False): 2, (False, True): 4}
 
 
+TOP_LAYER_AND_HEADS = r"layer\.1\.|\.classifier\.|lm_head"  # the tiny model's last layer and both heads
+
+
+def test_scoped_training_reuses_the_shared_lower_layers_in_the_second_perturbed_pass(tiny, tmp_path):
+    # the MLM decoder is tied to the (unscoped) input embeddings: the cache must still give the same training
+    results, embedding_calls = [], []
+    for name, kwargs in (("cached", None), ("uncached", {"pass_cache": None})):
+        trainer = _tartan_trainer(
+            tiny, tmp_path / name, meta_gradient_params=TOP_LAYER_AND_HEADS, meta_gradient_kwargs=kwargs,
+            sama_base_update=False, max_steps=4, unroll_steps=2,
+        )  # fmt: skip
+        calls: list[int] = []
+        lowest = trainer.model.encoder.embeddings.word_embeddings  # inside a reused call: not run when reused
+        lowest.register_forward_pre_hook(lambda m, args, c=calls: c.append(1))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        assert trainer.meta_step_count == 2
+        embedding_calls.append(len(calls))
+        results.append([*trainer.model.parameters(), *trainer.meta_model.parameters()])
+    assert embedding_calls[1] - embedding_calls[0] == 2  # one pass fewer below the scope per meta step
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("layer.0." in n for n in moved)  # base steps train everything; only the meta step is scoped
+
+
 def test_trainer_defaults_and_checks(tiny, tmp_path):
     trainer = _tartan_trainer(tiny, tmp_path)
     model = trainer.model
