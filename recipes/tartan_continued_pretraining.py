@@ -177,7 +177,9 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
             )
     n_aux = 0 if aux is None else len(aux.dataset)
     logger.info("%s %s: %d train examples, %d aux windows", args.task, args.method, len(data["train"]), n_aux)
+    train_cpu_start = time.process_time()
     train_out = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_cpu_s = time.process_time() - train_cpu_start  # all threads of this process
 
     results: dict[str, Any] = {
         "task": args.task, "method": args.method, "seed": training_args.seed, "metric": args.metric,
@@ -207,6 +209,7 @@ def main(args: TartanArguments, training_args: SAMAConfig) -> dict[str, Any]:
         ]
         results["aux_weights"] = write_aux_weights(trainer, aux, training_args.output_dir)
     results["train_runtime_s"] = round(train_out.metrics["train_runtime"], 1)
+    results["train_cpu_s"] = round(train_cpu_s, 1)
     results["runtime_s"] = round(time.time() - start, 1)
     results["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
     results["args"] = asdict(args)

@@ -572,6 +572,7 @@ def test_end_to_end_sama_writes_results_weights_card_and_model(task_dir, tmp_pat
         assert saved[key] == results[key]
     assert saved["method"] == "sama" and saved["seed"] == 1 and saved["metric"] == "macro_f1"
     assert saved["meta_steps"] == 3 and saved["labels"] == ["A", "B", "C", "D"]
+    assert 0 < saved["train_cpu_s"] <= saved["cpu_time_s"]  # the training's share of the run's CPU time
     steps = [e["step"] for e in saved["weight_trajectory"]]
     assert steps == [2, 4, 6]
     assert all(0 < e["weight_min"] <= e["weight_mean"] <= e["weight_max"] < 2 for e in saved["weight_trajectory"])
