@@ -456,7 +456,7 @@ def main() -> None:
             cmd_train(args.out, args.kill_after_step, args.kill_while_writing)
         else:
             cmd_resume(args.out)
-        if args.command in ("train", "resume") and dist.is_initialized():
+        if args.command in ("faults", "train", "resume") and dist.is_initialized():
             dist.destroy_process_group()  # no c10d thread left running at exit ("terminate called", SIGABRT)
     except Exception:
         traceback.print_exc()
