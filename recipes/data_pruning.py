@@ -41,7 +41,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pruning_report import write_report  # noqa: E402
 
-from sama_trainer import SAMAConfig, SAMAParser, SAMATrainer, save_meta_model  # noqa: E402
+from sama_trainer import SAMAConfig, SAMAParser, SAMATrainer, end_process_group, save_meta_model  # noqa: E402
 from sama_trainer.data import load_cosine, load_wrench  # noqa: E402
 from sama_trainer.model_card import CardMetric, build_model_card  # noqa: E402
 from sama_trainer.pretrained import TINY_BERT, build_word_tokenizer, load_classifier, load_pretrained_tokenizer  # noqa: E402
@@ -299,3 +299,4 @@ def main(pa: PruningArguments, args: TrainingArguments) -> str:
 
 if __name__ == "__main__":
     print(main(*SAMAParser((PruningArguments, SAMAConfig)).parse_args_and_config()))
+    end_process_group()

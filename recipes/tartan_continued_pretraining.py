@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from sama_trainer import SAMAConfig, SAMAParser
+from sama_trainer import SAMAConfig, SAMAParser, end_process_group
 from sama_trainer.model_card import CardMetric
 from sama_trainer.tartan import (
     TASKS,
@@ -260,3 +260,4 @@ def parse_args(argv: list[str] | None = None) -> tuple[TartanArguments, SAMAConf
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     main(*parse_args())
+    end_process_group()

@@ -42,7 +42,7 @@ import torch
 from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer
 
-from sama_trainer import CrossFitMetaSet, HeldOutBaseUpdate, SAMAConfig, SAMAParser
+from sama_trainer import CrossFitMetaSet, HeldOutBaseUpdate, SAMAConfig, SAMAParser, end_process_group
 from sama_trainer.data import (
     LF_AGREEMENT_COLUMN,
     VOTE_PRIOR_COLUMN,
@@ -515,3 +515,4 @@ def main(script_args: ScriptArguments, training_args: SAMAConfig) -> list[dict[s
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(*SAMAParser((ScriptArguments, SAMAConfig)).parse_args_and_config())
+    end_process_group()

@@ -4,7 +4,7 @@ from .adaptation import UnsupportedOptimizerError, adaptation_diagonal, register
 from .callbacks import SAMACallback
 from .checkpoint import IncompleteCheckpointError
 from .cross_fit import CrossFitMetaSet
-from .distributed import MetaStepFailedOnAnotherRank
+from .distributed import MetaStepFailedOnAnotherRank, end_process_group
 from .held_out_base_update import HeldOutBaseUpdate
 from .meta_gradient import MetaGradients, available_methods, meta_gradient, register_method
 from .meta_nets import (
@@ -44,6 +44,7 @@ __all__ = [
     "WeightHistory",
     "adaptation_diagonal",
     "available_methods",
+    "end_process_group",
     "load_meta_model",
     "meta_gradient",
     "register_adaptation",

@@ -16,7 +16,13 @@ import torch.distributed as dist
 from .meta_gradient import SKIP_REASONS
 
 
-__all__ = ["MetaStepFailedOnAnotherRank", "RankAgreement", "all_reduce_mean_", "apply_ddp_timeout"]
+__all__ = [
+    "MetaStepFailedOnAnotherRank",
+    "RankAgreement",
+    "all_reduce_mean_",
+    "apply_ddp_timeout",
+    "end_process_group",
+]
 
 
 class MetaStepFailedOnAnotherRank(RuntimeError):
@@ -34,6 +40,17 @@ def apply_ddp_timeout(seconds: float) -> None:
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
     _set_pg_timeout(timedelta(seconds=seconds))
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if there is one, at the end of a finished multi-process run.
+
+    ``Trainer`` leaves the group alive; a gloo process that exits with it can abort in torch's teardown ("terminate
+    called without an active exception", SIGABRT), so the launcher reports a failure for a run that wrote every
+    output. Call this once after the last collective; a no-op in a single process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -142,3 +142,20 @@ def test_wrench_recipe_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     train = apply_label_model(wrench["train"], wrench.num_classes, tie_break="wrench")
     assert weights["id"] == train["id"]  # every covered training example once, not once per rank
     assert (out / "README.md").is_file() and (out / "weights_hist.png").is_file()
+
+
+def test_end_process_group_destroys_the_default_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from sama_trainer import end_process_group
+
+    end_process_group()  # no group: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
