@@ -441,9 +441,12 @@ def launch(script: str, spec: dict[str, Any], timeout: float, env: dict[str, str
 
 def worker_main(spec: dict[str, Any], run_fn: Any) -> None:
     """Entry point of a worker process: run ``run_fn(spec)``; rank 0 writes the result file."""
+    from sama_trainer import end_process_group
+
     result = run_fn(spec)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["result_file"]).write_text(json.dumps(result), encoding="utf-8")
+    end_process_group()  # a finished gloo worker must not abort in torch's teardown and fail the launch
 
 
 def _root() -> str:
