@@ -37,7 +37,7 @@ from helpers import sama_args, tiny_bert, token_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import sama_trainer.sama_trainer as trainer_module  # noqa: E402
-from sama_trainer import ClassificationObjective, SAMACallback, SAMAConfig, SAMATrainer  # noqa: E402
+from sama_trainer import ClassificationObjective, SAMACallback, SAMAConfig, SAMATrainer, end_process_group  # noqa: E402
 from sama_trainer.checkpoint import IncompleteCheckpointError  # noqa: E402
 
 
@@ -456,8 +456,8 @@ def main() -> None:
             cmd_train(args.out, args.kill_after_step, args.kill_while_writing)
         else:
             cmd_resume(args.out)
-        if args.command in ("faults", "train", "resume") and dist.is_initialized():
-            dist.destroy_process_group()  # no c10d thread left running at exit ("terminate called", SIGABRT)
+        if args.command in ("faults", "train", "resume"):
+            end_process_group()  # no c10d thread left running at exit ("terminate called", SIGABRT)
     except Exception:
         traceback.print_exc()
         sys.exit(1)
