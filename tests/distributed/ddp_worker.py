@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import RecordingObjective, sama_args, tiny_bert, token_dataset  # noqa: E402
 
-from sama_trainer import HeldOutBaseUpdate, SAMATrainer  # noqa: E402
+from sama_trainer import HeldOutBaseUpdate, SAMATrainer, end_process_group  # noqa: E402
 from sama_trainer.losses import per_example_cross_entropy  # noqa: E402
 from sama_trainer.pruning import meta_importance_scores, with_example_ids  # noqa: E402
 
@@ -176,10 +176,8 @@ def main():
     }
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
-    # leave the group before the interpreter exits: gloo's threads torn down at exit can abort a loaded machine's
-    # process ("terminate called without an active exception") after every result is written
     dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
