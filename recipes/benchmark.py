@@ -380,13 +380,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["method"] == FINETUNE:
             trainer = Trainer(model, TrainingArguments(**common), train_dataset=train_data, **kwargs)
         else:
-            args = SAMAConfig(
-                **common,
+            settings = dict(
                 meta_gradient=spec["method"],
                 meta_gradient_kwargs=spec.get("method_kwargs") or None,
                 unroll_steps=spec["unroll_steps"],
-                **spec.get("sama_overrides", {}),
             )
+            args = SAMAConfig(**{**common, **settings, **spec.get("sama_overrides", {})})
             trainer = SAMATrainer(model, args, train_dataset=train_data, meta_dataset=meta_data, **kwargs)
         trainer.train()
     result = {
@@ -690,6 +689,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=None, help="untimed steps first (default: unroll_steps)")
     p.add_argument("--methods", default="finetune,sama,sama-na,t1t2", help="'finetune' = plain Trainer; or 'all'")
     p.add_argument("--method_kwargs", default="{}", help='JSON: method -> meta_gradient_kwargs, e.g. {"cg": {...}}')
+    p.add_argument(
+        "--variants",
+        default="{}",
+        help='JSON: name -> a method and SAMAConfig fields, run next to --methods, e.g. '
+        '{"sama-eval": {"method": "sama", "meta_dropout": false}}',
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--attn_implementation", default=None, help="e.g. eager (second-order methods need it on GPU)")
@@ -715,6 +720,30 @@ def base_spec(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def variant_specs(
+    variants: dict[str, dict[str, Any]], spec: dict[str, Any], method_kwargs: dict[str, Any], taken: set[str]
+) -> dict[str, dict[str, Any]]:
+    """Specs of ``--variants``: each a SAMA method with some ``SAMAConfig`` fields set (e.g. ``meta_dropout``)."""
+    from sama_trainer import SAMAConfig, available_methods
+
+    fields = set(SAMAConfig.__dataclass_fields__)
+    out = {}
+    for name, variant in variants.items():
+        settings = dict(variant)
+        method = settings.pop("method", None)
+        if name in taken or method not in available_methods():
+            raise SystemExit(
+                f"variant {name!r}: give a new name and a SAMA method, e.g. "
+                f'{{"{name}-x": {{"method": "sama", "meta_dropout": false}}}} (methods: {available_methods()})'
+            )
+        unknown = set(settings) - fields
+        if unknown:
+            raise SystemExit(f"variant {name!r}: {sorted(unknown)} are not SAMAConfig fields")
+        kwargs = method_kwargs.get(name, method_kwargs.get(method))
+        out[name] = {**spec, "method": method, "method_kwargs": kwargs, "cost_model": False, "sama_overrides": settings}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if served_as_worker(args, run):
@@ -728,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = json.loads(args.method_kwargs)
     spec = base_spec(args)
     specs = {m: {**spec, "method": m, "method_kwargs": kwargs.get(m), "cost_model": m == FINETUNE} for m in methods}
+    specs.update(variant_specs(json.loads(args.variants), spec, kwargs, set(specs)))
+    methods = list(specs)
     print(f"benchmark: {methods} x {args.repeats} repeats, {spec}", flush=True)
     script = str(Path(__file__).resolve())
     runs = run_interleaved(script, specs, args.repeats, args.worker_timeout)

@@ -31,6 +31,7 @@ SAMA_FIELDS = (
     "meta_weight_normalize_by_class",
     "meta_weight_center",
     "meta_gradient_kwargs",
+    "meta_dropout",
 )
 TRAINING_FIELDS = (
     "learning_rate",

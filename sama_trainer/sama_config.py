@@ -112,6 +112,12 @@ class SAMAConfig(TrainingArguments):
             measures it): about 60 for a 6-layer MiniLM on one CPU thread; on a GPU, where a small pass costs as much
             as a large one, leave it unset.
             Combines with `meta_micro_batch_size` (then an upper bound on the micro-batch size).
+        meta_dropout (`bool`, defaults to `True`):
+            Run the meta step's passes (the meta loss and the ±εu passes) in train mode, with dropout, as the base
+            steps and the paper do. `False` runs them in eval mode: no dropout masks to draw, and attention can take
+            the fused kernel, so the meta step is cheaper (on a CPU its passes took about 20% less time), and the
+            meta objective is the deterministic loss of the model as it will be evaluated. The base steps keep
+            their dropout either way.
         flush_denormal (`bool`, defaults to `True`):
             On a CPU, treat subnormal floats (below 1.2e-38 in float32) as zero while training
             (`torch.set_flush_denormal`): example weights near 0 make gradients subnormal, which CPUs process many
@@ -205,6 +211,10 @@ class SAMAConfig(TrainingArguments):
         metadata={
             "help": "Cut the meta batch by length where the padding saved exceeds this many positions per pass."
         },
+    )
+    meta_dropout: bool = field(
+        default=True,
+        metadata={"help": "Meta step's passes with dropout (train mode); False: eval mode, cheaper and deterministic."},
     )
     flush_denormal: bool = field(
         default=True, metadata={"help": "On a CPU, flush subnormal floats to zero while training (speed)."}

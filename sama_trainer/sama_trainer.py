@@ -448,7 +448,7 @@ class SAMATrainer(Trainer):
             options["pass_cache"] = PrefixCache(model, base_params)  # the layers below the scope run once
         options.update(args.meta_gradient_kwargs or {})  # the user's options win (e.g. consume_grads=False)
         was_training = model.training
-        model.train()
+        model.train(args.meta_dropout)
         try:
             grads = meta_gradient(
                 args.meta_gradient,

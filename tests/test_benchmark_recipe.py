@@ -244,3 +244,28 @@ def test_meta_split_benchmark_times_every_way_on_the_same_draws(tmp_path):
     assert set(ways) == {"whole", "micro2", "overhead0"}
     assert ways["whole"]["mean_passes"] == 1 and ways["micro2"]["mean_passes"] == 3
     assert ways["whole"]["ratio_to_whole"] == 1.0 and all(w["median_cpu_s"] > 0 for w in ways.values())
+
+
+def test_variants_run_a_method_with_other_sama_config_fields(monkeypatch):
+    import sama_trainer
+
+    spec = {**TINY_SPEC, "unroll_steps": 2, "warmup_steps": 0, "steps": 2}
+    variants = {"sama-eval": {"method": "sama", "meta_dropout": False}}
+    specs = bench.variant_specs(variants, spec, {"sama": {"bias_correction": False}}, {"finetune", "sama"})
+    assert specs["sama-eval"]["method"] == "sama" and specs["sama-eval"]["sama_overrides"] == {"meta_dropout": False}
+    assert specs["sama-eval"]["method_kwargs"] == {"bias_correction": False}  # the method's kwargs, unless its own
+    for bad in ({"sama": {"method": "sama"}}, {"x": {"method": "finetune"}}, {"x": {"method": "sama", "nope": 1}}):
+        with pytest.raises(SystemExit, match="variant"):
+            bench.variant_specs(bad, spec, {}, {"finetune", "sama"})
+
+    seen = {}
+    train = sama_trainer.SAMATrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen["args"] = self.args
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(sama_trainer.SAMATrainer, "train", spy)
+    result = bench.run(specs["sama-eval"])
+    assert result["meta_steps_timed"] == 1
+    assert seen["args"].meta_dropout is False and seen["args"].meta_gradient_kwargs == {"bias_correction": False}

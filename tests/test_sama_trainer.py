@@ -13,6 +13,7 @@ from sama_trainer import (
     ClassificationObjective,
     LabelCorrectionNet,
     MetaWeightNet,
+    SAMACallback,
     SAMATrainer,
     UnsupportedOptimizerError,
     load_meta_model,
@@ -391,3 +392,44 @@ def test_flushing_that_was_on_before_training_stays_on_after(tmp_path):
     finally:
         torch.set_flush_denormal(False)
     assert _subnormal_product() > 0
+
+
+class ReseedBeforeMetaStep(SAMACallback):
+    """Sets the RNG to ``seed`` before each meta step: runs that differ only in it see other dropout masks there."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_meta_step_begin(self, args, state, control, **kwargs):
+        torch.manual_seed(self.seed)
+
+
+@pytest.mark.parametrize("meta_dropout", [True, False])
+def test_meta_dropout_false_runs_the_meta_passes_in_eval_mode_and_frees_them_of_the_rng(tmp_path, meta_dropout):
+    modes: dict[str, set[bool]] = {"base": set(), "meta": set()}
+
+    class Phases(SAMATrainer):
+        in_meta = False
+
+        def meta_step(self, base_batches):
+            self.in_meta = True
+            try:
+                return super().meta_step(base_batches)
+            finally:
+                self.in_meta = False
+
+    def meta_gradient(seed: int) -> list[torch.Tensor]:
+        train, meta = datasets()
+        args = make_args(tmp_path, max_steps=2, meta_dropout=meta_dropout, sama_base_update=False)
+        trainer = Phases(tiny_bert(dropout=0.3), args, train, meta, callbacks=[ReseedBeforeMetaStep(seed)])
+        trainer.model.register_forward_pre_hook(
+            lambda module, inputs: modes["meta" if trainer.in_meta else "base"].add(module.training)
+        )
+        trainer.train()
+        assert trainer.meta_step_count == 1 and trainer.model.training
+        return trainer.last_meta_gradients
+
+    first, other = meta_gradient(seed=1), meta_gradient(seed=2)
+    assert modes == {"base": {True}, "meta": {meta_dropout}}
+    same = all(torch.equal(a, b) for a, b in zip(first, other))
+    assert same != meta_dropout  # without dropout the meta step draws nothing: its result does not depend on the RNG
