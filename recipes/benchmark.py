@@ -692,7 +692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default="{}",
-        help='JSON: name -> a method and SAMAConfig fields, run next to --methods, e.g. '
+        help="JSON: name -> a method and SAMAConfig fields, run next to --methods, e.g. "
         '{"sama-eval": {"method": "sama", "meta_dropout": false}}',
     )
     p.add_argument("--repeats", type=int, default=3)
@@ -740,7 +740,8 @@ def variant_specs(
         if unknown:
             raise SystemExit(f"variant {name!r}: {sorted(unknown)} are not SAMAConfig fields")
         kwargs = method_kwargs.get(name, method_kwargs.get(method))
-        out[name] = {**spec, "method": method, "method_kwargs": kwargs, "cost_model": False, "sama_overrides": settings}
+        out[name] = {**spec, "method": method, "method_kwargs": kwargs, "cost_model": False}
+        out[name]["sama_overrides"] = settings
     return out
 
 

@@ -322,7 +322,8 @@ def run_method(method: str, task: WeakSupervisionTask, tokenizer: Any, model_nam
     if spec.sama:
         sama_fields = ("meta_objective", "meta_gradient", "meta_learning_rate", "correction_meta_learning_rate")
         sama_fields += ("unroll_steps", "sama_base_update", "sama_base_update_follows_lr", "meta_gradient_params")
-        sama_fields += ("meta_weight_normalize", "meta_weight_normalize_by_class", "meta_feature_column", "meta_dropout")
+        sama_fields += ("meta_weight_normalize", "meta_weight_normalize_by_class", "meta_feature_column")
+        sama_fields += ("meta_dropout",)
         results.update({name: getattr(args, name) for name in sama_fields}, sama_alpha=args.meta_alpha)
         results.update(meta_steps=trainer.meta_step_count, meta_steps_skipped=trainer.meta_steps_skipped)
         results["sama_clean_mode"] = script_args.sama_clean_mode if method == "sama_rc_clean" else None

@@ -214,7 +214,7 @@ class SAMAConfig(TrainingArguments):
     )
     meta_dropout: bool = field(
         default=True,
-        metadata={"help": "Meta step's passes with dropout (train mode); False: eval mode, cheaper and deterministic."},
+        metadata={"help": "Meta step's passes with dropout (train mode); False: eval mode (cheaper, deterministic)."},
     )
     flush_denormal: bool = field(
         default=True, metadata={"help": "On a CPU, flush subnormal floats to zero while training (speed)."}
