@@ -21,6 +21,8 @@ Examples::
 
     python recipes/benchmark.py --threads 1 --methods finetune,sama --repeats 5 --output bench.json
     python recipes/benchmark.py --model_config bert-base --batch_size 48 --output gpu.json   # on a GPU
+    python recipes/benchmark.py --threads 1 --methods finetune,sama \
+        --variants '{"sama-eval": {"method": "sama", "meta_dropout": false}}'   # a method with other SAMAConfig fields
 
 ``recipes/benchmark_betty.py`` (the authors' library, Betty, on the same workload) and ``recipes/benchmark_scale.py``
 (how the meta step's cost grows) reuse the workload and measurements defined here.
