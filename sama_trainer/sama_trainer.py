@@ -446,6 +446,8 @@ class SAMATrainer(Trainer):
             options["base_update_scale"] = self.base_update_scale * follows_lr
         if args.meta_gradient_params is not None and not is_second_order(args.meta_gradient):
             options["pass_cache"] = PrefixCache(model, base_params)  # the layers below the scope run once
+        if not args.meta_dropout:
+            options["replay_draws"] = False  # eval-mode passes draw no dropout masks: nothing to record
         options.update(args.meta_gradient_kwargs or {})  # the user's options win (e.g. consume_grads=False)
         was_training = model.training
         model.train(args.meta_dropout)

@@ -194,3 +194,39 @@ def test_second_perturbed_pass_replays_the_first_pass_draws_exactly(draw, monkey
     bernoulli = torch.ops.aten.bernoulli_.float
     assert replayed == {"dropout": [bernoulli] * 2, "theta_dependent": [], "count_changes": [bernoulli] * 2}[draw]
     assert len(mismatches) == (draw == "count_changes")  # ... and the second pass was drawn again
+
+
+def test_without_the_draw_replay_both_passes_draw_the_same_masks_and_nothing_intercepts_them(monkeypatch):
+    """``replay_draws=False``: no recorder; the second pass draws its masks again from the same RNG state."""
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.nn.Parameter(torch.randn(6, 3, generator=gen))
+    lam = torch.nn.Parameter(torch.randn(3, generator=gen))
+    x = torch.randn(32, 6, generator=gen)
+    direction = [torch.randn(6, 3, generator=gen)]
+
+    def base_loss():
+        return ((F.dropout(x @ theta, p=0.3, training=True) - lam) ** 2).mean()
+
+    recorders = []
+
+    class Counted(core._RandomDraws):
+        def __init__(self):
+            super().__init__()
+            recorders.append(self)
+
+    monkeypatch.setattr(core, "_RandomDraws", Counted)
+    results = {}
+    for replay in (True, False):
+        torch.manual_seed(7)
+        rng_before = torch.get_rng_state()
+        perturbation = core.Perturbation([theta], direction, eps=0.05)
+        results[replay] = perturbation.difference([lam], base_loss, replay_draws=replay)[0]
+        perturbation.restore()
+        assert torch.equal(torch.get_rng_state(), rng_before)
+        assert len(recorders) == 1  # only the replaying call made one
+    assert torch.equal(results[True], results[False])
+    assert torch.equal(results[False], _manual_difference([theta], direction, 0.05, [lam], base_loss)[0])
+    torch.manual_seed(8)  # other masks: another value, so the equalities above compare the masks' effect
+    perturbation = core.Perturbation([theta], direction, eps=0.05)
+    assert not torch.equal(perturbation.difference([lam], base_loss, replay_draws=False)[0], results[False])
+    perturbation.restore()

@@ -18,6 +18,7 @@ from sama_trainer import (
     UnsupportedOptimizerError,
     load_meta_model,
 )
+from sama_trainer.meta_gradient import core
 from sama_trainer.meta_nets import normalize_weights_per_class
 
 
@@ -405,8 +406,18 @@ class ReseedBeforeMetaStep(SAMACallback):
 
 
 @pytest.mark.parametrize("meta_dropout", [True, False])
-def test_meta_dropout_false_runs_the_meta_passes_in_eval_mode_and_frees_them_of_the_rng(tmp_path, meta_dropout):
+def test_meta_dropout_false_runs_the_meta_passes_in_eval_mode_and_frees_them_of_the_rng(
+    tmp_path, meta_dropout, monkeypatch
+):
     modes: dict[str, set[bool]] = {"base": set(), "meta": set()}
+    recorders = []  # the draw recorder of the perturbed passes: only needed where they draw dropout masks
+
+    class CountedDraws(core._RandomDraws):
+        def __init__(self):
+            super().__init__()
+            recorders.append(self)
+
+    monkeypatch.setattr(core, "_RandomDraws", CountedDraws)
 
     class Phases(SAMATrainer):
         in_meta = False
@@ -433,3 +444,4 @@ def test_meta_dropout_false_runs_the_meta_passes_in_eval_mode_and_frees_them_of_
     assert modes == {"base": {True}, "meta": {meta_dropout}}
     same = all(torch.equal(a, b) for a, b in zip(first, other))
     assert same != meta_dropout  # without dropout the meta step draws nothing: its result does not depend on the RNG
+    assert len(recorders) == (2 if meta_dropout else 0)  # one per meta step (two runs of one) if the passes draw

@@ -374,15 +374,20 @@ class Perturbation:
         base_loss: LossClosure,
         share_rng: bool = True,
         pass_cache: Any = None,
+        replay_draws: bool = True,
     ) -> list[torch.Tensor]:
         """[∇_λ L_base(θ + εd) - ∇_λ L_base(θ - εd)] / (2ε) by two first-order passes; θ is left at θ - εd.
 
         With ``share_rng`` both passes see the same RNG state (the same dropout masks) and the global RNG is left as
-        it was. ``pass_cache`` (e.g. a :class:`~.prefix_cache.PrefixCache`) records in the first pass what does not
-        depend on the perturbed parameters and returns it in the second. On an exception θ is put back first.
+        it was; on a CPU the second pass then replays the first pass's random draws instead of drawing them again.
+        ``replay_draws=False`` leaves the draws to the RNG (the same values, drawn twice) and skips the recorder,
+        which intercepts every op of the first pass: for passes that draw nothing, e.g. a model in eval mode.
+        ``pass_cache`` (e.g. a :class:`~.prefix_cache.PrefixCache`) records in the first pass what does not depend
+        on the perturbed parameters and returns it in the second. On an exception θ is put back first.
         """
         devices = _rng_devices(self.params) if share_rng else None
-        draws = _RandomDraws() if share_rng and all(p.device.type == "cpu" for p in self.params) else None
+        on_cpu = all(p.device.type == "cpu" for p in self.params)
+        draws = _RandomDraws() if share_rng and replay_draws and on_cpu else None
 
         def grads_at(target: float, mode: Any = None, cache: Any = None) -> list[torch.Tensor]:
             self.move_to(target)

@@ -179,7 +179,8 @@ def meta_gradient(
             :data:`Agreement`); called exactly once per call, also when the method raises, so that every rank
             issues the same collectives. Default: this process alone.
         **options: method-specific options (for SAMA: ``bias_correction``, ``restore``, ``workspace``,
-            ``base_step_hook``, ``share_rng``, ``loss_scale``, ``consume_grads``; see :func:`~.sama.sama`).
+            ``base_step_hook``, ``share_rng``, ``replay_draws``, ``loss_scale``, ``consume_grads``; see
+            :func:`~.sama.sama`).
     """
     info = _info(method)
     kwargs = dict(optimizer=optimizer, last_grads=last_grads, **options)

@@ -66,6 +66,7 @@ def _finite_difference(
     consume_grads: bool = False,
     base_update_scale: float = 1.0,
     pass_cache: Any = None,
+    replay_draws: bool = True,
 ) -> MetaGradients:
     """direct - [∇_λ L_base(θ + εu) - ∇_λ L_base(θ - εu)] / (2ε), u = D ⊙ v (D = du/dg, or 1 if ``optimizer`` is
     None), ‖εu‖ = α; ``agree`` is called once, before θ is restored or updated (``restore=False``: to θ -
@@ -113,7 +114,7 @@ def _finite_difference(
                 eps = stats["eps"] = alpha / u_norm
                 copy_free = lean and not restore and base_step_hook is None and _all_wide_floats(base_params)
                 perturbation = Perturbation(base_params, u, eps, save=not copy_free, workspace=workspace)
-                implicit = perturbation.difference(meta_params, base_loss, share_rng, pass_cache)
+                implicit = perturbation.difference(meta_params, base_loss, share_rng, pass_cache, replay_draws)
                 if not all_finite(float(global_norm(implicit).item())):
                     reason = "nonfinite_fd"
                 else:
@@ -172,7 +173,9 @@ def sama(
     θ-sized v is allocated, and with ``restore=False``, no ``base_step_hook`` and float32/64 parameters no copy of θ
     is kept either — θ ends at θ - εu up to rounding), ``base_update_scale`` (1.0; with ``restore=False`` θ ends at
     θ - scale·εu), ``pass_cache`` (None; a :class:`~.prefix_cache.PrefixCache` lets the second perturbed pass reuse
-    what the first computed below the perturbed parameters), ``agree`` (see :func:`~.registry.meta_gradient`).
+    what the first computed below the perturbed parameters), ``replay_draws`` (True; with ``share_rng`` on a CPU the
+    second pass replays the first pass's random draws; False for passes that draw nothing, e.g. a model in eval mode,
+    saves recording them), ``agree`` (see :func:`~.registry.meta_gradient`).
     """
     if optimizer is not None:
         check_adaptation_supported(optimizer)

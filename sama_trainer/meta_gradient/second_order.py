@@ -1,8 +1,8 @@
 """Shared pieces of the second-order meta-gradient methods (they differentiate through g = ∇_θ L_base).
 
 These methods never move θ, so of the options the trainer passes to every method (``restore``, ``workspace``,
-``base_step_hook``, ``share_rng``, ``bias_correction``, ``loss_scale``, ``consume_grads``) they only use
-``loss_scale`` (fp16: scales L_meta's backward); any other unknown option raises ``TypeError``.
+``base_step_hook``, ``share_rng``, ``replay_draws``, ``bias_correction``, ``loss_scale``, ``consume_grads``) they only
+use ``loss_scale`` (fp16: scales L_meta's backward); any other unknown option raises ``TypeError``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ TRAINER_OPTIONS = frozenset(
         "workspace",
         "base_step_hook",
         "share_rng",
+        "replay_draws",
         "bias_correction",
         "loss_scale",
         "consume_grads",
