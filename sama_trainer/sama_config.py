@@ -114,10 +114,10 @@ class SAMAConfig(TrainingArguments):
             Combines with `meta_micro_batch_size` (then an upper bound on the micro-batch size).
         meta_dropout (`bool`, defaults to `True`):
             Run the meta step's passes (the meta loss and the ±εu passes) in train mode, with dropout, as the base
-            steps and the paper do. `False` runs them in eval mode: no dropout masks to draw, and attention can take
-            the fused kernel, so the meta step is cheaper (18–20% less CPU time on the CPU benchmark), and the
-            meta objective is the deterministic loss of the model as it will be evaluated. The base steps keep
-            their dropout either way.
+            steps and the paper do. `False` runs them in eval mode: no dropout masks to draw (nor to record for the
+            second ±εu pass), and attention can take the fused kernel, so the meta step is cheaper (18–20% less CPU
+            time on the CPU benchmark), and the meta objective is the deterministic loss of the model as it will be
+            evaluated. The base steps keep their dropout either way.
         flush_denormal (`bool`, defaults to `True`):
             On a CPU, treat subnormal floats (below 1.2e-38 in float32) as zero while training
             (`torch.set_flush_denormal`): example weights near 0 make gradients subnormal, which CPUs process many
