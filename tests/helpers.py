@@ -7,6 +7,7 @@ from datasets import Dataset
 from transformers import BertForSequenceClassification, TrainerCallback
 
 from sama_trainer import ClassificationObjective, SAMAConfig
+from sama_trainer.meta_gradient import core
 from sama_trainer.pretrained import tiny_bert_classifier
 
 
@@ -106,3 +107,16 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_training_stop = True
+
+
+def count_draw_recorders(monkeypatch) -> list:
+    """Patch the perturbed passes' recorder of random draws so that each one built is appended to the returned list."""
+    recorders: list = []
+
+    class Counted(core._RandomDraws):
+        def __init__(self):
+            super().__init__()
+            recorders.append(self)
+
+    monkeypatch.setattr(core, "_RandomDraws", Counted)
+    return recorders

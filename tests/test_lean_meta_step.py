@@ -7,6 +7,7 @@ arithmetic is the same.
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import count_draw_recorders
 
 from sama_trainer import MetaWeightNet, adaptation_diagonal, meta_gradient
 from sama_trainer.adaptation import adaptation_diagonal_into_, adaptation_diagonal_rows
@@ -207,14 +208,7 @@ def test_without_the_draw_replay_both_passes_draw_the_same_masks_and_nothing_int
     def base_loss():
         return ((F.dropout(x @ theta, p=0.3, training=True) - lam) ** 2).mean()
 
-    recorders = []
-
-    class Counted(core._RandomDraws):
-        def __init__(self):
-            super().__init__()
-            recorders.append(self)
-
-    monkeypatch.setattr(core, "_RandomDraws", Counted)
+    recorders = count_draw_recorders(monkeypatch)
     results = {}
     for replay in (True, False):
         torch.manual_seed(7)

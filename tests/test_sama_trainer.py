@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import StopAt, pad_batch, sama_args, tiny_bert, train_and_meta
+from helpers import StopAt, count_draw_recorders, pad_batch, sama_args, tiny_bert, train_and_meta
 from transformers import TrainerCallback
 
 from sama_trainer import (
@@ -18,7 +18,6 @@ from sama_trainer import (
     UnsupportedOptimizerError,
     load_meta_model,
 )
-from sama_trainer.meta_gradient import core
 from sama_trainer.meta_nets import normalize_weights_per_class
 
 
@@ -410,14 +409,7 @@ def test_meta_dropout_false_runs_the_meta_passes_in_eval_mode_and_frees_them_of_
     tmp_path, meta_dropout, monkeypatch
 ):
     modes: dict[str, set[bool]] = {"base": set(), "meta": set()}
-    recorders = []  # the draw recorder of the perturbed passes: only needed where they draw dropout masks
-
-    class CountedDraws(core._RandomDraws):
-        def __init__(self):
-            super().__init__()
-            recorders.append(self)
-
-    monkeypatch.setattr(core, "_RandomDraws", CountedDraws)
+    recorders = count_draw_recorders(monkeypatch)  # only needed where the perturbed passes draw dropout masks
 
     class Phases(SAMATrainer):
         in_meta = False
